@@ -1,0 +1,26 @@
+"""optax_splitlbi: Split Linearized Bregman Iteration for JAX / optax.
+
+SplitLBI (Fu et al., TPAMI 2022) trains a dense network with SGD-momentum cost
+while a coupled sparse copy Γ of the weights walks an inverse-scale-space path
+from zero; early-stopped, supp(Γ) is a "winning ticket" subnetwork.
+"""
+
+from optax_splitlbi.masks import find_state, gamma, map_penalized, sparse_params, support
+from optax_splitlbi.penalties import (GroupLasso, Lasso, LeafPenalty, attention_heads,
+                                      by_ndim, conv_filters, conv_input_channels,
+                                      default_penalty, dense_inputs, dense_neurons,
+                                      path_str, resolve_penalties)
+from optax_splitlbi.prox import (group_map, group_norms, group_soft_threshold, prox,
+                                 soft_threshold)
+from optax_splitlbi.transform import SplitLBIState, StaticHyperparams, splitlbi
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupLasso", "Lasso", "LeafPenalty", "SplitLBIState", "StaticHyperparams",
+    "attention_heads", "by_ndim", "conv_filters", "conv_input_channels",
+    "default_penalty", "dense_inputs", "dense_neurons", "find_state", "gamma",
+    "group_map", "group_norms", "group_soft_threshold", "map_penalized",
+    "path_str", "prox", "resolve_penalties", "soft_threshold", "sparse_params",
+    "splitlbi", "support",
+]

@@ -1,0 +1,272 @@
+"""Sparsity penalties Ω_λ and their per-leaf specification.
+
+SplitLBI couples every penalized weight W with a sparse copy Γ whose structure
+is set by the penalty (paper Sec. 2, eq. 5):
+
+- ``Lasso``: Ω₁(Γ) = Σᵢ |Γᵢ|, elementwise sparsity (default for dense kernels).
+- ``GroupLasso``: Ω₁(Γ) = Σ_g ‖Γ_g‖₂, one group per index of the *kept* axes;
+  ``reduce_axes`` are the axes summed inside one group. For a Flax conv kernel
+  (kh, kw, cin, cout) the default reduces (0, 1, 2): one group per output filter.
+
+A penalty is chosen per parameter leaf by a *spec*: ``None`` (the default rule
+:func:`default_penalty`), a pytree (or prefix) of specs, or a callable
+``(path, leaf) -> spec``. A leaf spec is a :class:`Lasso`, a :class:`GroupLasso`,
+the strings ``"lasso"`` / ``"group"``, or ``None`` (not penalized: plain
+momentum SGD).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+from jax.tree_util import register_static
+
+
+def _check_lam(lam: float | None, where: str) -> None:
+  if lam is None or isinstance(lam, jax.core.Tracer):
+    return
+  if not math.isfinite(float(lam)) or float(lam) < 0:
+    raise ValueError(f"{where}: lam must be a finite number >= 0, got {lam!r}.")
+
+
+@register_static
+@dataclasses.dataclass(frozen=True)
+class Lasso:
+  """Elementwise ℓ₁ penalty: Prox is the soft-threshold at λ.
+
+  Attributes:
+    lam: threshold λ for this leaf; ``None`` uses the optimizer's ``lam``.
+  """
+
+  lam: float | None = None
+
+  def __post_init__(self):
+    _check_lam(self.lam, "Lasso")
+
+
+@register_static
+@dataclasses.dataclass(frozen=True)
+class GroupLasso:
+  """Group ℓ₂,₁ penalty Σ_g ‖Γ_g‖₂ (Yuan & Lin 2006; paper eq. 5).
+
+  Prox per group: max(0, 1 − t/‖V_g‖)·V_g with t = λ, or t = λ·√d when
+  ``normalized`` (d = group size; the official CIFAR lottery code compares
+  ‖V_g‖/√d with λ).
+
+  Attributes:
+    reduce_axes: axes that form one group (reduced in the norm); the other
+      axes index the groups. ``None``: all axes but the last (one group per
+      output filter of an HWIO conv kernel or per output neuron of a dense
+      kernel). Negative axes count from the end.
+    lam: threshold λ for this leaf; ``None`` uses the optimizer's ``lam``.
+    normalized: threshold λ·√d instead of λ.
+  """
+
+  reduce_axes: tuple[int, ...] | None = None
+  lam: float | None = None
+  normalized: bool = False
+
+  def __post_init__(self):
+    if self.reduce_axes is not None:
+      object.__setattr__(self, "reduce_axes", tuple(int(a) for a in self.reduce_axes))
+    _check_lam(self.lam, "GroupLasso")
+
+
+PenaltySpec = Union[Lasso, GroupLasso, str, None]
+PenaltyFn = Callable[[tuple, Any], PenaltySpec]
+
+
+def conv_filters(lam: float | None = None, normalized: bool = False) -> GroupLasso:
+  """One group per output filter of an HWIO conv kernel (reduces kh, kw, cin)."""
+  return GroupLasso((0, 1, 2), lam, normalized)
+
+
+def conv_input_channels(lam: float | None = None, normalized: bool = False) -> GroupLasso:
+  """One group per input channel of an HWIO conv kernel (reduces kh, kw, cout)."""
+  return GroupLasso((0, 1, 3), lam, normalized)
+
+
+def dense_neurons(lam: float | None = None, normalized: bool = False) -> GroupLasso:
+  """One group per output neuron (column) of an (in, out) dense kernel."""
+  return GroupLasso((0,), lam, normalized)
+
+
+def dense_inputs(lam: float | None = None, normalized: bool = False) -> GroupLasso:
+  """One group per input feature (row) of an (in, out) dense kernel."""
+  return GroupLasso((1,), lam, normalized)
+
+
+def attention_heads(lam: float | None = None, normalized: bool = False,
+                    head_axis: int = 1) -> GroupLasso:
+  """One group per head of a (d_model, heads, head_dim) projection kernel.
+
+  Args:
+    lam: per-leaf threshold (``None``: the optimizer's ``lam``).
+    normalized: threshold λ·√d.
+    head_axis: the axis that indexes heads; every other axis is reduced.
+  """
+  return _KeepAxis(head_axis, lam, normalized)
+
+
+@register_static
+@dataclasses.dataclass(frozen=True)
+class _KeepAxis:
+  """A group lasso that keeps one axis and reduces all others (resolved per leaf)."""
+
+  keep_axis: int
+  lam: float | None = None
+  normalized: bool = False
+
+
+@register_static
+@dataclasses.dataclass(frozen=True)
+class LeafPenalty:
+  """A penalty resolved against one leaf's shape (stored, leaf-less, in the state).
+
+  Attributes:
+    kind: ``"lasso"`` or ``"group"``.
+    reduce_axes: non-negative axes reduced inside a group (``()`` for lasso).
+    lam: per-leaf λ, or ``None`` for the optimizer's global ``lam``.
+    normalized: the threshold is λ·√d.
+    group_size: d, the number of entries in one group (1 for lasso).
+  """
+
+  kind: str
+  reduce_axes: tuple[int, ...] = ()
+  lam: float | None = None
+  normalized: bool = False
+  group_size: int = 1
+
+  def threshold(self, global_lam):
+    """The prox threshold t for this leaf: λ (or λ·√d when normalized)."""
+    lam = global_lam if self.lam is None else self.lam
+    return lam * math.sqrt(self.group_size) if self.normalized else lam
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """A readable ``"Conv_0/kernel"`` name for a pytree key path."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
+
+
+def default_penalty(path: tuple, leaf: Any) -> PenaltySpec:
+  """The default rule: 4-D kernels → filter groups, 2-D → lasso, else None.
+
+  As in the official code, 4-D (HWIO conv) kernels get a group lasso with one
+  group per output filter, 2-D (dense) kernels an elementwise lasso, and
+  biases / norm scales (ndim < 2) no penalty.
+  """
+  del path
+  ndim = len(leaf.shape)
+  if ndim == 4:
+    return GroupLasso((0, 1, 2))
+  if ndim == 2:
+    return Lasso()
+  return None
+
+
+def by_ndim(rules: Mapping[int, PenaltySpec]) -> PenaltyFn:
+  """A penalty callable choosing the spec by the leaf's ndim.
+
+  Example (the official CIFAR lottery setting)::
+
+    penalty = by_ndim({4: conv_filters(lam=0.1, normalized=True), 2: Lasso(1.0)})
+
+  Args:
+    rules: ndim → spec; leaves whose ndim is absent are not penalized.
+  """
+  rules = dict(rules)
+
+  def rule(path, leaf):
+    del path
+    return rules.get(len(leaf.shape))
+
+  return rule
+
+
+def resolve_leaf(spec: PenaltySpec, shape: tuple[int, ...], name: str) -> LeafPenalty | None:
+  """Resolves one leaf spec against the leaf's shape, validating it.
+
+  Raises:
+    ValueError: naming the leaf when the spec does not fit its shape.
+  """
+  ndim = len(shape)
+  if spec is None:
+    return None
+  if isinstance(spec, str):
+    if spec == "lasso":
+      spec = Lasso()
+    elif spec == "group":
+      spec = GroupLasso()
+    else:
+      raise ValueError(f"Leaf {name!r}: unknown penalty {spec!r}; "
+                       "use 'lasso', 'group', None, Lasso(...) or GroupLasso(...).")
+  if isinstance(spec, Lasso):
+    return LeafPenalty("lasso", (), spec.lam, False, 1)
+  if isinstance(spec, _KeepAxis):
+    if not -ndim <= spec.keep_axis < ndim:
+      raise ValueError(f"Leaf {name!r} of shape {shape}: head axis {spec.keep_axis} "
+                       "is out of range.")
+    keep = spec.keep_axis % ndim
+    spec = GroupLasso(tuple(a for a in range(ndim) if a != keep), spec.lam, spec.normalized)
+  if isinstance(spec, GroupLasso):
+    if spec.reduce_axes is None:
+      if ndim < 2:
+        raise ValueError(
+            f"Leaf {name!r} of shape {shape}: a group penalty with default axes needs "
+            "ndim >= 2 (one group per index of the last axis); pass "
+            "GroupLasso(reduce_axes=...) or use Lasso().")
+      axes = tuple(range(ndim - 1))
+    else:
+      for a in spec.reduce_axes:
+        if not -ndim <= a < ndim:
+          raise ValueError(f"Leaf {name!r} of shape {shape}: group axis {a} is out "
+                           f"of range for ndim {ndim}.")
+      axes = tuple(sorted({a % ndim for a in spec.reduce_axes}))
+    size = math.prod(shape[a] for a in axes)
+    return LeafPenalty("group", axes, spec.lam, spec.normalized, int(size))
+  raise ValueError(f"Leaf {name!r}: invalid penalty spec {spec!r}.")
+
+
+def _is_spec(x: Any) -> bool:
+  return x is None or isinstance(x, (str, Lasso, GroupLasso, _KeepAxis))
+
+
+def resolve_penalties(penalty: Any, params: Any) -> Any:
+  """Resolves a penalty spec for every leaf of ``params``.
+
+  Args:
+    penalty: ``None`` (:func:`default_penalty`), a callable
+      ``(path, leaf) -> spec``, a single spec for every leaf, or a pytree
+      (or prefix) of specs matching ``params``.
+    params: the parameter pytree.
+
+  Returns:
+    A pytree with the structure of ``params`` whose leaves are
+    :class:`LeafPenalty` or ``None`` (not penalized). It has no array leaves.
+  """
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if penalty is None:
+    penalty = default_penalty
+  if callable(penalty) and not _is_spec(penalty):
+    specs = [penalty(p, x) for p, x in leaves_with_path]
+  elif _is_spec(penalty):
+    specs = [penalty] * len(leaves_with_path)
+  else:
+    try:
+      specs = treedef.flatten_up_to(_broadcast_prefix(penalty, params))
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"penalty: the spec tree does not match the params tree: {e}") from e
+  out = [resolve_leaf(s, tuple(x.shape), path_str(p))
+         for s, (p, x) in zip(specs, leaves_with_path)]
+  return treedef.unflatten(out)
+
+
+def _broadcast_prefix(prefix: Any, params: Any) -> Any:
+  """Broadcasts a prefix tree of specs to the full params structure."""
+  return jax.tree.map(
+      lambda spec, sub: jax.tree.map(lambda _: spec, sub),
+      prefix, params, is_leaf=_is_spec)
