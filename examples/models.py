@@ -1,0 +1,279 @@
+"""Flax Linen models of the paper's experiments (NHWC images, HWIO conv kernels).
+
+Every model is an ``nn.Module`` called as ``model.apply(variables, x, train=...)``
+with ``x`` of shape (batch, height, width, channels). Conv kernels are HWIO, so
+the default SplitLBI penalty (:func:`optax_splitlbi.default_penalty`) puts one
+group-lasso group on each output filter and a lasso on dense kernels.
+
+Models with BatchNorm keep running statistics in the ``"batch_stats"``
+collection (pass ``mutable=["batch_stats"]`` when ``train=True``).
+
+=================  ==========================================  =====================
+name               architecture                                 paper
+=================  ==========================================  =====================
+``digits_cnn``     2 conv + 2 dense, for 8×8 sklearn digits     (embedded default)
+``lenet5``         LeNet-5: conv6-pool-conv16-pool-120-84       Table 1, Fig. 1
+``lenet3``         LeNet-300-100 (3 dense layers)               App. D, Table 7
+``conv2``          Conv-2 (Frankle & Carbin): 64,64,pool,256²   App. D, Table 8
+``conv4``          Conv-4: 64,64,pool,128,128,pool,256²         App. D, Table 9
+``resnet20``       CIFAR ResNet-20 (He et al. 2016), 16-32-64   Table 1
+``resnet56``       CIFAR ResNet-56                              Tables 2-5, Fig. 5
+``vgg16``          VGG-16 with BatchNorm (CIFAR variant)        Tables 2-5, Fig. 5
+``resnet18``       ImageNet ResNet-18                           Table 1, Fig. 2
+``resnet50``       ImageNet ResNet-50 (bottleneck)              Fig. 5 (Lasso)
+=================  ==========================================  =====================
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# He et al. (2015) initialisation, as the paper (Sec. 4) and torchvision.
+he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _flatten(x):
+  return x.reshape((x.shape[0], -1))
+
+
+class DigitsCNN(nn.Module):
+  """A small CNN for the 8×8 scikit-learn digits: conv-conv-pool-dense-dense."""
+
+  num_classes: int = 10
+  features: Sequence[int] = (16, 32)
+  hidden: int = 64
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    for f in self.features:
+      x = nn.relu(nn.Conv(f, (3, 3), kernel_init=he_normal)(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Dense(self.hidden)(_flatten(x)))
+    return nn.Dense(self.num_classes)(x)
+
+
+class LeNet5(nn.Module):
+  """LeNet-5 (LeCun et al. 1998): conv5×5(6, SAME)-pool-conv5×5(16)-pool-120-84."""
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    x = nn.relu(nn.Conv(6, (5, 5), padding="SAME", kernel_init=he_normal)(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(16, (5, 5), padding="VALID", kernel_init=he_normal)(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = _flatten(x)
+    x = nn.relu(nn.Dense(120)(x))
+    x = nn.relu(nn.Dense(84)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class LeNet3(nn.Module):
+  """LeNet-300-100, the "LeNet-3" of App. D (FC1 784×300, FC2 300×100, FC3)."""
+
+  num_classes: int = 10
+  hidden: Sequence[int] = (300, 100)
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    x = _flatten(x)
+    for h in self.hidden:
+      x = nn.relu(nn.Dense(h)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class ConvN(nn.Module):
+  """Conv-2 / Conv-4 / Conv-6 of Frankle & Carbin (2019), used in App. D.
+
+  3×3 SAME convs, 2×2 max-pool after every two convs, then dense 256-256-classes.
+  """
+
+  num_classes: int = 10
+  features: Sequence[int] = (64, 64)
+  hidden: Sequence[int] = (256, 256)
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    for i, f in enumerate(self.features):
+      x = nn.relu(nn.Conv(f, (3, 3), kernel_init=he_normal)(x))
+      if i % 2 == 1:
+        x = nn.max_pool(x, (2, 2), (2, 2))
+    x = _flatten(x)
+    for h in self.hidden:
+      x = nn.relu(nn.Dense(h)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+def _bn(train: bool, **kw):
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, **kw)
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block: 3×3 conv-BN-ReLU-3×3 conv-BN + (projected) shortcut."""
+
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal)
+    y = conv(self.features, (3, 3), (self.strides, self.strides))(x)
+    y = nn.relu(_bn(train)(y))
+    y = conv(self.features, (3, 3))(y)
+    y = _bn(train, scale_init=nn.initializers.zeros_init())(y)
+    if x.shape[-1] != self.features or self.strides != 1:
+      x = conv(self.features, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
+      x = _bn(train, name="proj_bn")(x)
+    return nn.relu(x + y)
+
+
+class BottleneckBlock(nn.Module):
+  """ResNet bottleneck block: 1×1 (f) - 3×3 (f, stride) - 1×1 (4f) + shortcut."""
+
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal)
+    y = nn.relu(_bn(train)(conv(self.features, (1, 1))(x)))
+    y = nn.relu(_bn(train)(conv(self.features, (3, 3), (self.strides, self.strides))(y)))
+    y = conv(4 * self.features, (1, 1))(y)
+    y = _bn(train, scale_init=nn.initializers.zeros_init())(y)
+    if x.shape[-1] != 4 * self.features or self.strides != 1:
+      x = conv(4 * self.features, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
+      x = _bn(train, name="proj_bn")(x)
+    return nn.relu(x + y)
+
+
+class CifarResNet(nn.Module):
+  """CIFAR ResNet-(6n+2) of He et al. (2016): 3 stages of n basic blocks.
+
+  Attributes:
+    num_classes: output classes.
+    blocks_per_stage: n (3 → ResNet-20, 9 → ResNet-56).
+    width: filters of the first stage (16; doubled at each stage).
+  """
+
+  num_classes: int = 10
+  blocks_per_stage: int = 3
+  width: int = 16
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=he_normal)(x)
+    x = nn.relu(_bn(train)(x))
+    for stage in range(3):
+      for b in range(self.blocks_per_stage):
+        strides = 2 if stage > 0 and b == 0 else 1
+        x = BasicBlock(self.width * 2**stage, strides)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+             512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG(nn.Module):
+  """VGG with BatchNorm, CIFAR variant (as in Network Slimming / the lottery code).
+
+  conv3×3-BN-ReLU per number in ``cfg``, 2×2 max-pool at "M", global average
+  pool, one dense classifier. ``width`` scales every conv (tests use < 1).
+  """
+
+  num_classes: int = 10
+  cfg: Sequence[Any] = VGG16_CFG
+  width: float = 1.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    for v in self.cfg:
+      if v == "M":
+        if x.shape[1] > 1:
+          x = nn.max_pool(x, (2, 2), (2, 2))
+        continue
+      x = nn.Conv(max(1, int(v * self.width)), (3, 3), use_bias=False, kernel_init=he_normal)(x)
+      x = nn.relu(_bn(train)(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+class ImageNetResNet(nn.Module):
+  """ImageNet ResNet (He et al. 2016): 7×7/2 stem, max-pool, 4 stages, avg-pool.
+
+  Attributes:
+    num_classes: output classes (1000 for ImageNet).
+    stage_sizes: blocks per stage ((2,2,2,2) ResNet-18, (3,4,6,3) ResNet-50).
+    block: ``BasicBlock`` or ``BottleneckBlock``.
+    width: filters of the first stage (64).
+  """
+
+  num_classes: int = 1000
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  block: Callable[..., nn.Module] = BasicBlock
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
+                kernel_init=he_normal, name="conv_init")(x)
+    x = nn.relu(_bn(train, name="bn_init")(x))
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for i, n in enumerate(self.stage_sizes):
+      for b in range(n):
+        strides = 2 if i > 0 and b == 0 else 1
+        x = self.block(self.width * 2**i, strides)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": DigitsCNN,
+    "lenet5": LeNet5,
+    "lenet3": LeNet3,
+    "conv2": functools.partial(ConvN, features=(64, 64)),
+    "conv4": functools.partial(ConvN, features=(64, 64, 128, 128)),
+    "conv6": functools.partial(ConvN, features=(64, 64, 128, 128, 256, 256)),
+    "resnet20": functools.partial(CifarResNet, blocks_per_stage=3),
+    "resnet56": functools.partial(CifarResNet, blocks_per_stage=9),
+    "vgg16": VGG,
+    "resnet18": functools.partial(ImageNetResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock),
+    "resnet34": functools.partial(ImageNetResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock),
+    "resnet50": functools.partial(ImageNetResNet, stage_sizes=(3, 4, 6, 3),
+                                  block=BottleneckBlock),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+  """Returns the Flax module ``name`` (see :data:`MODEL_NAMES`).
+
+  Args:
+    name: e.g. ``"lenet5"``, ``"resnet20"``, ``"resnet18"``.
+    num_classes: size of the output layer.
+    **kwargs: module attributes, e.g. ``width=4`` for a thin ResNet in tests.
+
+  Returns:
+    A Linen module; call ``init(rng, x, train=False)`` and
+    ``apply(variables, x, train=..., mutable=...)`` with NHWC ``x``.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
+  return _REGISTRY[name](num_classes=num_classes, **kwargs)
+
+
+def has_batch_norm(variables: Any) -> bool:
+  """Whether ``variables`` (from ``model.init``) has a ``batch_stats`` collection."""
+  return bool(variables.get("batch_stats"))
