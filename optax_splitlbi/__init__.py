@@ -5,10 +5,16 @@ while a coupled sparse copy Γ of the weights walks an inverse-scale-space path
 from zero; early-stopped, supp(Γ) is a "winning ticket" subnetwork.
 """
 
-from optax_splitlbi.masks import find_state, gamma, map_penalized, sparse_params, support
+from optax_splitlbi.masks import (find_state, gamma, group_support, hyperparams, map_penalized,
+                                  penalized_leaves, sparse_params, support)
+from optax_splitlbi.path import (entered_by, entry_steps, importance_ranks, importance_scores,
+                                 prune_to_sparsity)
+from optax_splitlbi.report import (coupling_residue, format_report, group_norms_tree,
+                                   sparsity_report)
+from optax_splitlbi.retrain import MaskedUpdatesState, apply_masks, masked_updates
 from optax_splitlbi.penalties import (GroupLasso, Lasso, LeafPenalty, attention_heads,
                                       by_ndim, conv_filters, conv_input_channels,
-                                      default_penalty, dense_inputs, dense_neurons,
+                                      default_penalty, dense_inputs, dense_neurons, resolve_leaf,
                                       path_str, resolve_penalties)
 from optax_splitlbi.prox import (group_map, group_norms, group_soft_threshold, prox,
                                  soft_threshold)
@@ -21,6 +27,11 @@ __all__ = [
     "attention_heads", "by_ndim", "conv_filters", "conv_input_channels",
     "default_penalty", "dense_inputs", "dense_neurons", "find_state", "gamma",
     "group_map", "group_norms", "group_soft_threshold", "map_penalized",
-    "path_str", "prox", "resolve_penalties", "soft_threshold", "sparse_params",
+    "path_str", "prox", "resolve_leaf", "resolve_penalties", "soft_threshold", "sparse_params",
     "splitlbi", "support",
+    # structural sparsity toolkit (masks, report, path, retrain)
+    "MaskedUpdatesState", "apply_masks", "coupling_residue", "entered_by", "entry_steps",
+    "format_report", "group_norms_tree", "group_support", "hyperparams", "importance_ranks",
+    "importance_scores", "masked_updates", "penalized_leaves", "prune_to_sparsity",
+    "sparsity_report",
 ]

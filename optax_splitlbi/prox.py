@@ -25,6 +25,12 @@ def soft_threshold(v: jax.Array, lam) -> jax.Array:
   return jnp.sign(v) * jnp.maximum(jnp.abs(v) - lam, 0)
 
 
+def _norm(g: jax.Array) -> jax.Array:
+  """‖g‖₂ in at least float32, with a finite gradient at g = 0 (double where)."""
+  sq = jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
+  return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1)), 0)
+
+
 def _group_scale(norm: jax.Array, lam) -> jax.Array:
   """max(0, 1 − λ/‖v‖), exactly 0 (never NaN) when ‖v‖ = 0."""
   safe = jnp.where(norm > 0, norm, 1)
@@ -40,8 +46,7 @@ def group_soft_threshold(v: jax.Array, lam) -> jax.Array:
   Returns:
     The shrunk group, same shape and dtype as ``v``.
   """
-  norm = jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32))))
-  return (_group_scale(norm, lam) * v).astype(v.dtype)
+  return (_group_scale(_norm(v), lam) * v).astype(v.dtype)
 
 
 def group_map(fn: Callable[..., jax.Array], x: jax.Array,
@@ -74,8 +79,7 @@ def group_map(fn: Callable[..., jax.Array], x: jax.Array,
 
 def group_norms(x: jax.Array, reduce_axes: Sequence[int]) -> jax.Array:
   """‖x_g‖₂ per group, keepdims layout (size-1 dims at ``reduce_axes``)."""
-  return group_map(lambda g: jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))),
-                   x, reduce_axes)
+  return group_map(_norm, x, reduce_axes)
 
 
 def prox(v: jax.Array, penalty: LeafPenalty, lam) -> jax.Array:
