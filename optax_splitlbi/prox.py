@@ -34,7 +34,8 @@ def _norm(g: jax.Array) -> jax.Array:
 def _group_scale(norm: jax.Array, lam) -> jax.Array:
   """max(0, 1 − λ/‖v‖), exactly 0 (never NaN) when ‖v‖ = 0."""
   safe = jnp.where(norm > 0, norm, 1)
-  return jnp.where(norm > lam, 1 - lam / safe, 0)
+  # λ = 0 is the identity, even where ‖v‖² underflows to 0.
+  return jnp.where(norm > lam, 1 - lam / safe, jnp.where(lam == 0, 1, 0))
 
 
 def group_soft_threshold(v: jax.Array, lam) -> jax.Array:
