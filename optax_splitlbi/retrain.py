@@ -4,7 +4,9 @@ A subnetwork is a pytree of boolean masks with the params' structure (from
 :func:`optax_splitlbi.support`, :func:`optax_splitlbi.prune_to_sparsity`, or
 hand-made): ``True`` keeps an entry, ``False`` prunes it; a ``None`` leaf keeps
 the whole leaf (biases, norm scales); a mask may also be any shape that
-broadcasts to its leaf (e.g. a per-filter keepdims mask, or a Python bool).
+broadcasts to its leaf (e.g. a per-filter keepdims mask, or a Python bool),
+and the masks tree may be a prefix of the params tree (``{"Dense_0": None,
+"Conv_0": {...}}``: a ``None`` or a bool there covers the whole subtree).
 
 - Fine-tuning (App. D): ``optax.chain(inner, masked_updates(masks))`` from
   ``apply_masks(W_T, masks)``.
@@ -33,10 +35,13 @@ def _is_none(x: Any) -> bool:
 def _flat_masks(masks: Any, tree: Any, who: str):
   """(paths, leaves of ``tree``, mask per leaf or None), shapes checked."""
   with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  # ``masks`` may be a prefix of ``tree``: a mask (or None) stands for a whole subtree.
+  m_leaves, m_def = jax.tree.flatten(masks, is_leaf=_is_none)
   try:
-    flat = treedef.flatten_up_to(masks)
+    subtrees = m_def.flatten_up_to(tree)
   except (ValueError, TypeError) as e:
     raise ValueError(f"{who}: the masks tree does not match the params tree: {e}") from e
+  flat = [m for m, sub in zip(m_leaves, subtrees) for _ in jax.tree.leaves(sub)]
   out = []
   for (p, x), m in zip(with_path, flat):
     if _is_none(m):

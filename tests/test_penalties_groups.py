@@ -1,0 +1,125 @@
+"""Group specs beyond conv filters give the hand-computed groups (issue: structures).
+
+Each spec is checked three ways: the resolved reduce axes / group size, the
+per-group norms and prox on hand-made values, and, end to end, that a loss
+touching one group only makes exactly that group enter supp(Γ).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_splitlbi as osl
+
+
+def _resolve(spec, shape):
+  return osl.resolve_penalties({"w": spec}, {"w": jnp.zeros(shape)})["w"]
+
+
+@pytest.mark.parametrize("spec,shape,axes,size", [
+    (osl.conv_filters(), (3, 3, 2, 4), (0, 1, 2), 18),
+    (osl.conv_input_channels(), (3, 3, 2, 4), (0, 1, 3), 36),
+    (osl.dense_neurons(), (5, 3), (0,), 5),
+    (osl.dense_inputs(), (5, 3), (1,), 3),
+    (osl.attention_heads(), (4, 3, 2), (0, 2), 8),
+    (osl.attention_heads(head_axis=-2), (4, 3, 2), (0, 2), 8),
+    (osl.attention_heads(head_axis=2), (4, 3, 2), (0, 1), 12),
+    (osl.GroupLasso(reduce_axes=(-1,)), (5, 3), (1,), 3),
+    (osl.GroupLasso(reduce_axes=(0, -1)), (2, 3, 4), (0, 2), 8),
+    (osl.GroupLasso(), (2, 3, 4), (0, 1), 6),
+])
+def test_resolved_axes_and_group_size(spec, shape, axes, size):
+  pe = _resolve(spec, shape)
+  assert pe.kind == "group"
+  assert pe.reduce_axes == axes
+  assert pe.group_size == size
+
+
+def test_bad_axes_name_the_leaf():
+  with pytest.raises(ValueError, match="'w'.*out of range"):
+    _resolve(osl.GroupLasso(reduce_axes=(2,)), (5, 3))
+  with pytest.raises(ValueError, match="'w'.*out of range"):
+    _resolve(osl.attention_heads(head_axis=3), (4, 3, 2))
+
+
+def test_input_channel_groups_norms_and_prox_by_hand():
+  # (kh, kw, cin, cout) = (2, 2, 3, 4): channel c holds 16 entries.
+  v = np.zeros((2, 2, 3, 4), np.float32)
+  v[:, :, 0, :] = 0.25   # ‖·‖ = √16·0.25 = 1
+  v[:, :, 1, :] = 0.5    # 2
+  v[0, 0, 2, 0] = -3.0   # 3 (a single entry)
+  pe = _resolve(osl.conv_input_channels(), v.shape)
+  n = osl.group_norms(jnp.asarray(v), pe.reduce_axes)
+  assert n.shape == (1, 1, 3, 1)
+  np.testing.assert_allclose(np.ravel(n), [1.0, 2.0, 3.0], rtol=1e-6)
+  # λ = 1.5: channel 0 (norm 1) → 0; channel 1 scaled by 1 − 1.5/2 = 1/4; channel 2 by 1/2.
+  out = np.asarray(osl.prox(jnp.asarray(v), pe, 1.5))
+  want = np.zeros_like(v)
+  want[:, :, 1, :] = 0.125
+  want[0, 0, 2, 0] = -1.5
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_dense_neuron_and_input_groups_by_hand():
+  v = np.array([[3.0, 0.0, 1.0],
+                [4.0, 0.0, 0.0]], np.float32)      # columns: norms 5, 0, 1; rows: √10, 4
+  neurons = _resolve(osl.dense_neurons(), v.shape)
+  np.testing.assert_allclose(np.ravel(osl.group_norms(jnp.asarray(v), neurons.reduce_axes)),
+                             [5.0, 0.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(osl.prox(jnp.asarray(v), neurons, 2.0),
+                             [[1.8, 0.0, 0.0], [2.4, 0.0, 0.0]], rtol=1e-6)  # 5 → ×0.6
+  inputs = _resolve(osl.dense_inputs(), v.shape)
+  np.testing.assert_allclose(np.ravel(osl.group_norms(jnp.asarray(v), inputs.reduce_axes)),
+                             [math.sqrt(10), 4.0], rtol=1e-6)
+  np.testing.assert_allclose(osl.prox(jnp.asarray(v), inputs, 2.0),
+                             [[3 * (1 - 2 / math.sqrt(10)), 0, 1 - 2 / math.sqrt(10)],
+                              [2.0, 0.0, 0.0]], rtol=1e-5)
+
+
+def test_attention_head_groups_and_normalized_threshold():
+  v = np.zeros((4, 3, 2), np.float32)   # (d_model, heads, head_dim)
+  v[:, 0, :] = 1.0                      # head 0: √8
+  v[1, 2, 1] = 2.0                      # head 2: 2
+  pe = _resolve(osl.attention_heads(lam=0.5, normalized=True), v.shape)
+  np.testing.assert_allclose(np.ravel(osl.group_norms(jnp.asarray(v), pe.reduce_axes)),
+                             [math.sqrt(8), 0.0, 2.0], rtol=1e-6)
+  # Threshold λ√d = 0.5·√8 = √2: head 0 scaled 1 − √2/√8 = 1/2, head 2 by 1 − √2/2.
+  assert pe.threshold(1.0) == pytest.approx(math.sqrt(2))
+  out = np.asarray(osl.prox(jnp.asarray(v), pe, 1.0))
+  want = np.zeros_like(v)
+  want[:, 0, :] = 0.5
+  want[1, 2, 1] = 2.0 * (1 - math.sqrt(2) / 2)
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec,shape,touch,want_groups", [
+    # A loss on one slice: exactly that group (and all of its entries) enters supp Γ.
+    (osl.dense_neurons(), (3, 4), (slice(None), 2), (slice(None), 2)),
+    (osl.dense_inputs(), (3, 4), (1, 0), (1, slice(None))),
+    (osl.conv_input_channels(), (1, 1, 3, 2), (0, 0, 1, 1), (slice(None), slice(None), 1)),
+    (osl.attention_heads(), (2, 3, 2), (0, 2, 1), (slice(None), 2, slice(None))),
+])
+def test_one_touched_group_enters_alone(spec, shape, touch, want_groups):
+  params = {"w": jnp.zeros(shape)}
+  opt = osl.splitlbi(0.5, nu=1.0, lam=1.0, penalty={"w": spec}, record_path=True)
+
+  def loss(p):
+    return -5.0 * jnp.sum(p["w"][touch])
+
+  def step(carry, _):
+    p, s = carry
+    u, s = opt.update(jax.grad(loss)(p), s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  (_, state), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=10)
+  want = np.zeros(shape, bool)
+  want[want_groups] = True
+  np.testing.assert_array_equal(osl.support(state)["w"], want)
+  entry = np.asarray(osl.entry_steps(state)["w"])
+  assert entry.shape == tuple(1 if a in _resolve(spec, shape).reduce_axes else n
+                              for a, n in enumerate(shape))
+  assert (entry > 0).sum() == 1 and (entry == -1).sum() == entry.size - 1
