@@ -217,19 +217,26 @@ class ImageNetResNet(nn.Module):
     stage_sizes: blocks per stage ((2,2,2,2) ResNet-18, (3,4,6,3) ResNet-50).
     block: ``BasicBlock`` or ``BottleneckBlock``.
     width: filters of the first stage (64).
+    small_inputs: CIFAR stem (3×3/1 conv, no max-pool) for 32×32 images, as the
+      ResNet-50 (Lasso) lottery run of Fig. 5.
   """
 
   num_classes: int = 1000
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   block: Callable[..., nn.Module] = BasicBlock
   width: int = 64
+  small_inputs: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    x = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
-                kernel_init=he_normal, name="conv_init")(x)
-    x = nn.relu(_bn(train, name="bn_init")(x))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    if self.small_inputs:
+      x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=he_normal, name="conv_init")(x)
+      x = nn.relu(_bn(train, name="bn_init")(x))
+    else:
+      x = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
+                  kernel_init=he_normal, name="conv_init")(x)
+      x = nn.relu(_bn(train, name="bn_init")(x))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for i, n in enumerate(self.stage_sizes):
       for b in range(n):
         strides = 2 if i > 0 and b == 0 else 1

@@ -1,0 +1,608 @@
+r"""One training loop for every run of the paper: SplitLBI or an optax baseline.
+
+Usage::
+
+    python -m examples.train                      # SplitLBI on sklearn digits (~1 min)
+    python -m examples.train --config digits_sgd  # the SGD (Mom-Wd) baseline
+    python -m examples.train --config resnet20_cifar10 --workdir workdirs/r20 \
+        --set data_dir=~/tensorflow_datasets
+    python -m examples.train --list               # every named config
+
+Per epoch the loop evaluates the dense model W and, for SplitLBI, the sparse
+model W on supp Γ (:func:`optax_splitlbi.sparse_params`, paper Sec. 4) and
+reports per-layer sparsity. With ``--workdir`` it writes
+
+- ``metrics.jsonl`` / ``metrics.csv``: one row per epoch,
+- ``norms.npz``: per-filter norms of Γ and W each epoch (Fig. 1 solution path),
+- ``checkpoints/``: orbax checkpoints; rerunning resumes from the latest,
+- ``masks/`` and ``snapshots/``: supp Γ and weights at chosen epochs (lottery),
+
+and ``python -m examples.plots WORKDIR`` draws them.
+
+Data parallelism: the train step is ``jax.jit``-compiled over a 1-D
+``jax.make_mesh`` of all devices; batches are sharded along ``"data"``,
+parameters and optimizer state replicated, and each host loads only its slice of
+every global batch (``jax.process_index``), so the same code runs on one CPU, 8
+GPUs or a multi-host pod. Params, BatchNorm statistics and the optimizer state
+are donated to the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import optax_splitlbi as slbi
+from examples import configs as configs_lib
+from examples import input_pipeline, models
+from examples.configs.base import Config
+
+
+class TrainState(NamedTuple):
+  """What a train step reads and writes (all donated)."""
+
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------- optimizer
+
+
+def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+  """The paper's step schedules, in optimizer steps.
+
+  ``step``: ×``decay_factor`` every ``decay_every`` epochs (Table 1);
+  ``multistep``: ×``decay_factor`` at each epoch of ``milestones`` (80/120 of
+  160, Tables 2-5 and the lottery retraining); ``constant``.
+  """
+  lr = config.learning_rate
+  if config.schedule == "constant":
+    return optax.constant_schedule(lr)
+  if config.schedule == "step":
+    return optax.exponential_decay(lr, config.decay_every * steps_per_epoch,
+                                   config.decay_factor, staircase=True)
+  if config.schedule == "multistep":
+    return optax.piecewise_constant_schedule(
+        lr, {int(m) * steps_per_epoch: config.decay_factor for m in config.milestones})
+  raise ValueError(f"schedule must be constant, step or multistep, got {config.schedule!r}.")
+
+
+def make_penalty(config: Config):
+  """Per-leaf SplitLBI penalty: group lasso on conv filters + lasso on dense kernels
+  (``penalty="group"``, paper Sec. 3), or lasso on both (``"lasso"``, Fig. 5 c-d).
+  Biases and BatchNorm scales are not penalized."""
+  conv_lam = config.conv_lam if config.conv_lam is not None else None
+  fc_lam = config.fc_lam if config.fc_lam is not None else None
+
+  def spec(path, leaf):
+    del path
+    if leaf.ndim == 4:
+      if config.penalty == "lasso":
+        return slbi.Lasso(conv_lam)
+      if config.penalty != "group":
+        raise ValueError(f"penalty must be 'group' or 'lasso', got {config.penalty!r}.")
+      return slbi.conv_filters(conv_lam, config.normalized)
+    if leaf.ndim == 2:
+      return slbi.Lasso(fc_lam)
+    return None
+
+  return spec
+
+
+def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SplitLBI (with its κ, ν, λ) or an optax baseline, by ``config.optimizer``."""
+  schedule = make_schedule(config, steps_per_epoch)
+  if config.optimizer == "splitlbi":
+    return slbi.splitlbi(
+        schedule, kappa=config.kappa, nu=config.nu, lam=config.lam, momentum=config.momentum,
+        nesterov=config.nesterov, weight_decay=config.weight_decay,
+        penalty=make_penalty(config), coupling=config.coupling)
+  if config.optimizer == "sgd":
+    # PyTorch semantics: decay (every parameter) is added to the gradient first.
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay) if config.weight_decay else optax.identity(),
+        optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+  if config.optimizer == "adam":
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay) if config.weight_decay else optax.identity(),
+        optax.adam(schedule))
+  raise ValueError(f"optimizer must be splitlbi, sgd or adam, got {config.optimizer!r}.")
+
+
+# ------------------------------------------------------------------------- sparsity
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  """``{"Conv_0/kernel": leaf}`` for a (params-structured) tree; ``None`` leaves kept."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+  return {slbi.path_str(p): v for p, v in leaves}
+
+
+def _local_sparsity_report(opt_state: Any, params: Any = None) -> dict:
+  """Same contract as ``optax_splitlbi.sparsity_report`` (used if that is absent)."""
+  state = slbi.find_state(opt_state)
+  pens = _flat(state.penalty)
+  gam = _flat(slbi.gamma(state))
+  layers = {}
+  for name, pe in pens.items():
+    if pe is None:
+      continue
+    g = np.asarray(gam[name])
+    if pe.kind == "lasso":
+      nz = g != 0
+      groups, nz_groups, nz_w = g.size, int(nz.sum()), int(nz.sum())
+    else:
+      norms = np.asarray(slbi.group_norms(g, pe.reduce_axes))
+      groups, nz_groups = norms.size, int((norms > 0).sum())
+      nz_w = nz_groups * pe.group_size
+    layers[name] = dict(kind=pe.kind, weights=int(g.size), nonzero_weights=nz_w,
+                        weight_density=nz_w / g.size, groups=groups,
+                        nonzero_groups=nz_groups, group_density=nz_groups / groups)
+  w = sum(v["weights"] for v in layers.values())
+  nzw = sum(v["nonzero_weights"] for v in layers.values())
+  gr = sum(v["groups"] for v in layers.values())
+  nzg = sum(v["nonzero_groups"] for v in layers.values())
+  total = dict(weights=w, nonzero_weights=nzw, weight_density=nzw / max(w, 1), groups=gr,
+               nonzero_groups=nzg, group_density=nzg / max(gr, 1))
+  if params is not None:
+    total["params"] = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+  return {"layers": layers, "total": total}
+
+
+def _local_format_report(report: dict) -> str:
+  rows = [f"{'layer':<40} {'kind':<6} {'groups':>15} {'weights':>21} {'density':>8}"]
+  for name, r in list(report["layers"].items()) + [("total", dict(report["total"], kind=""))]:
+    rows.append(f"{name:<40} {r['kind']:<6} {r['nonzero_groups']:>7}/{r['groups']:<7} "
+                f"{r['nonzero_weights']:>10}/{r['weights']:<10} {r['weight_density']:>8.2%}")
+  return "\n".join(rows)
+
+
+sparsity_report = getattr(slbi, "sparsity_report", _local_sparsity_report)
+format_report = getattr(slbi, "format_report", _local_format_report)
+
+
+def mask_sparsity_report(masks: dict[str, np.ndarray]) -> dict:
+  """Per-layer density of fixed 0/1 masks (lottery retraining)."""
+  layers = {}
+  for name, m in masks.items():
+    nz = int(np.count_nonzero(m))
+    layers[name] = dict(kind="mask", weights=int(m.size), nonzero_weights=nz,
+                        weight_density=nz / m.size, groups=int(m.size), nonzero_groups=nz,
+                        group_density=nz / m.size)
+  w = sum(v["weights"] for v in layers.values())
+  nzw = sum(v["nonzero_weights"] for v in layers.values())
+  total = dict(weights=w, nonzero_weights=nzw, weight_density=nzw / max(w, 1), groups=w,
+               nonzero_groups=nzw, group_density=nzw / max(w, 1))
+  return {"layers": layers, "total": total}
+
+
+def filter_norms(opt_state: Any, params: Any) -> dict[str, np.ndarray]:
+  """Per-group norms ‖Γ_g‖ and ‖W_g‖ of every group-penalized leaf (Fig. 1 path)."""
+  state = slbi.find_state(opt_state)
+  pens, gam, w = _flat(state.penalty), _flat(slbi.gamma(state)), _flat(params)
+  out = {}
+  for name, pe in pens.items():
+    if pe is None or pe.kind != "group":
+      continue
+    out[f"gamma/{name}"] = np.asarray(slbi.group_norms(gam[name], pe.reduce_axes)).ravel()
+    out[f"weight/{name}"] = np.asarray(slbi.group_norms(w[name], pe.reduce_axes)).ravel()
+  return out
+
+
+# --------------------------------------------------------------------- train / eval
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, has_bn: bool):
+  """``step(state, batch, masks) -> (state, metrics)``; ``masks`` (or None) fix a subnet."""
+
+  def step(state: TrainState, batch: dict, masks: Any):
+    def loss_fn(params):
+      variables = {"params": params}
+      if has_bn:
+        variables["batch_stats"] = state.batch_stats
+        logits, updates = model.apply(variables, batch["image"], train=True,
+                                      mutable=["batch_stats"])
+        new_stats = updates["batch_stats"]
+      else:
+        logits, new_stats = model.apply(variables, batch["image"], train=True), state.batch_stats
+      loss = jnp.mean(cross_entropy(logits, batch["label"]))
+      return loss, (logits, new_stats)
+
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    apply_mask = lambda t: jax.tree.map(  # noqa: E731
+        lambda x, m: x if m is None else x * m.astype(x.dtype), t, masks,
+        is_leaf=lambda x: x is None)
+    if masks is not None:
+      grads = apply_mask(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if masks is not None:
+      params = apply_mask(params)
+    acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return TrainState(params, new_stats, opt_state), {"loss": loss, "accuracy": acc}
+
+  return step
+
+
+def make_eval_step(model, has_bn: bool):
+  """``eval(params, batch_stats, batch) -> {"correct", "loss", "count"}`` (sums)."""
+
+  def step(params, batch_stats, batch):
+    variables = {"params": params}
+    if has_bn:
+      variables["batch_stats"] = batch_stats
+    logits = model.apply(variables, batch["image"], train=False)
+    m = batch["mask"]
+    return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * m),
+            "loss": jnp.sum(cross_entropy(logits, batch["label"]) * m),
+            "count": jnp.sum(m)}
+
+  return step
+
+
+def _dict_from_flat(flat: dict[str, np.ndarray]) -> dict:
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def save_npz(path: str, flat: dict[str, Any]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **{k: np.asarray(v) for k, v in flat.items()})
+  os.replace(tmp, path)
+
+
+def load_masks(path: str, params: Any) -> Any:
+  """Masks (params structure, ``None`` where the file has no entry) from an .npz."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"mask_from: {path!r} does not exist (write it with a "
+                            "search run's save_masks_at).")
+  with np.load(path) as f:
+    stored = dict(f)
+  flat = _flat(params)
+  unknown = set(stored) - set(flat)
+  if unknown:
+    raise ValueError(f"mask_from: {path!r} has masks for unknown leaves {sorted(unknown)}.")
+  for k, m in stored.items():
+    if m.shape != flat[k].shape:
+      raise ValueError(f"mask_from: mask {k!r} has shape {m.shape}, parameter {flat[k].shape}.")
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  return treedef.unflatten([stored.get(slbi.path_str(p)) for p, _ in leaves])
+
+
+def load_snapshot(path: str, params: Any, batch_stats: Any) -> tuple[Any, Any]:
+  """Weights (and BatchNorm statistics) of a snapshot .npz, checked against the model."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"init_from: {path!r} does not exist (write it with a "
+                            "search run's save_params_at).")
+  with np.load(path) as f:
+    stored = dict(f)
+  out = []
+  for prefix, tree in (("params", params), ("batch_stats", batch_stats)):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    new = []
+    for p, x in leaves:
+      key = f"{prefix}/{slbi.path_str(p)}"
+      if key not in stored or stored[key].shape != x.shape:
+        raise ValueError(f"init_from: {path!r} lacks {key!r} with shape {x.shape}.")
+      new.append(jnp.asarray(stored[key], x.dtype))
+    out.append(treedef.unflatten(new))
+  return out[0], out[1]
+
+
+def _is_tty() -> bool:
+  return sys.stderr.isatty()
+
+
+class _Logger:
+  """Appends per-epoch metrics to metrics.jsonl and metrics.csv (process 0 only)."""
+
+  def __init__(self, workdir: Optional[str], resume_epoch: int):
+    self.workdir = workdir if jax.process_index() == 0 else None
+    self.rows: list[dict] = []
+    if self.workdir and os.path.exists(self._path("jsonl")):
+      with open(self._path("jsonl")) as f:
+        self.rows = [r for r in map(json.loads, f) if r["epoch"] <= resume_epoch]
+      self._rewrite()
+
+  def _path(self, ext):
+    return os.path.join(self.workdir, f"metrics.{ext}")
+
+  def _rewrite(self):
+    with open(self._path("jsonl"), "w") as f:
+      for r in self.rows:
+        f.write(json.dumps(r) + "\n")
+    keys = list(dict.fromkeys(k for r in self.rows for k in r))
+    with open(self._path("csv"), "w", newline="") as f:
+      w = csv.DictWriter(f, keys)
+      w.writeheader()
+      w.writerows(self.rows)
+
+  def log(self, row: dict):
+    self.rows.append(row)
+    if self.workdir:
+      self._rewrite()
+
+
+def _checkpoint_manager(workdir: str, config: Config):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+
+
+def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
+                       verbose: bool = True) -> dict:
+  """Trains ``config``; returns the last epoch's metrics plus ``history``.
+
+  Args:
+    config: the run (see :mod:`examples.configs`).
+    workdir: where metrics, norms, checkpoints, masks and snapshots go; an
+      existing checkpoint there is resumed. ``None``: nothing is written.
+    verbose: print per-epoch lines and the final sparsity table.
+
+  Returns:
+    ``{"epoch", "train_loss", "train_accuracy", "test_accuracy", "test_loss",
+    "sparse_test_accuracy", "weight_density", "group_density", "sparsity",
+    "history": [...]}`` (sparse entries only for SplitLBI or masked runs).
+  """
+  say = print if verbose else (lambda *a, **k: None)
+  if workdir:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+
+  # --- devices: one "data" axis over all (or num_devices) devices
+  devices = jax.devices()
+  n_dev = config.num_devices or len(devices)
+  if n_dev > len(devices):
+    raise ValueError(f"num_devices={n_dev} but only {len(devices)} devices are available.")
+  mesh = (jax.make_mesh((n_dev,), ("data",)) if n_dev == len(devices)
+          else jax.sharding.Mesh(np.asarray(devices[:n_dev]), ("data",)))
+  data_sharding = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+  for what, bs in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
+    if bs % n_dev:
+      raise ValueError(f"{what}={bs} must be divisible by the {n_dev} devices.")
+  pid, pcount = jax.process_index(), jax.process_count()
+
+  # --- data
+  train_ds, eval_ds, info = input_pipeline.create_datasets(
+      config.dataset, data_dir=config.data_dir and os.path.expanduser(config.data_dir),
+      image_size=config.image_size, seed=config.seed, augment=config.augment,
+      train_examples=config.train_examples)
+  steps_per_epoch = train_ds.steps_per_epoch(config.batch_size)
+  if config.max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {info.num_train} "
+                     "training examples.")
+
+  # --- model and optimizer
+  model = models.get_model(config.model, info.num_classes, **dict(config.model_kwargs))
+  tx = make_optimizer(config, steps_per_epoch)
+  schedule = make_schedule(config, steps_per_epoch)
+  is_slbi = config.optimizer == "splitlbi"
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, *info.image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    stats = variables.get("batch_stats", {})
+    return TrainState(params, stats, tx.init(params))
+
+  rng = jax.random.key(config.seed)
+  state = jax.jit(init, out_shardings=replicated)(rng)
+  has_bn = bool(jax.tree.leaves(state.batch_stats))
+  if config.init_from:
+    params, stats = load_snapshot(os.path.expanduser(config.init_from), state.params,
+                                  state.batch_stats)
+    state = jax.device_put(TrainState(params, stats, tx.init(params)), replicated)
+  masks = None
+  if config.mask_from:
+    masks = jax.device_put(load_masks(os.path.expanduser(config.mask_from), state.params),
+                           replicated)
+    masked = jax.tree.map(lambda x, m: x if m is None else x * m.astype(x.dtype),
+                          state.params, masks, is_leaf=lambda x: x is None)
+    state = jax.device_put(TrainState(masked, state.batch_stats, tx.init(masked)), replicated)
+
+  train_step = jax.jit(make_train_step(model, tx, has_bn), donate_argnums=(0,),
+                       out_shardings=(replicated, replicated))
+  eval_step = jax.jit(make_eval_step(model, has_bn), out_shardings=replicated)
+  sparse_fn = jax.jit(slbi.sparse_params, out_shardings=replicated)
+
+  # --- resume
+  start_epoch = 0
+  ckpt = _checkpoint_manager(workdir, config) if workdir else None
+  if ckpt is not None and ckpt.latest_step() is not None:
+    import orbax.checkpoint as ocp
+    start_epoch = int(ckpt.latest_step())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+    restored = ckpt.restore(start_epoch, args=ocp.args.StandardRestore(abstract))
+    state = TrainState(*restored)
+    say(f"Resumed from {workdir}/checkpoints at epoch {start_epoch}.")
+  logger = _Logger(workdir, start_epoch)
+  norms_path = os.path.join(workdir, "norms.npz") if workdir else None
+  norm_rows: dict[str, list] = {}
+  if norms_path and os.path.exists(norms_path) and start_epoch > 0:
+    with np.load(norms_path) as f:
+      norm_rows = {k: list(v[:start_epoch + 1]) for k, v in f.items()}
+
+  def to_global(batch):
+    return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
+
+  def evaluate(params, batch_stats):
+    tot = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for batch in eval_ds.eval_batches(config.eval_batch_size, process_index=pid,
+                                      process_count=pcount, max_examples=config.eval_examples):
+      out = jax.device_get(eval_step(params, batch_stats, to_global(batch)))
+      tot = {k: tot[k] + float(out[k]) for k in tot}
+    return tot["correct"] / tot["count"], tot["loss"] / tot["count"]
+
+  def snapshot(epoch):
+    if not workdir or pid != 0:
+      return
+    if epoch in config.save_params_at:
+      flat = {f"params/{k}": v for k, v in _flat(jax.device_get(state.params)).items()}
+      flat.update({f"batch_stats/{k}": v
+                   for k, v in _flat(jax.device_get(state.batch_stats)).items()})
+      save_npz(os.path.join(workdir, "snapshots", f"epoch_{epoch:04d}.npz"), flat)
+    if epoch in config.save_masks_at and is_slbi:
+      sup = {k: v for k, v in _flat(jax.device_get(slbi.support(state.opt_state))).items()
+             if v is not None}
+      save_npz(os.path.join(workdir, "masks", f"epoch_{epoch:04d}.npz"), sup)
+
+  def record_norms(epoch):
+    if not (is_slbi and config.record_norms):
+      return
+    for k, v in filter_norms(jax.device_get(state.opt_state), jax.device_get(state.params)).items():
+      norm_rows.setdefault(k, []).append(v)
+    if norms_path and pid == 0:
+      save_npz(norms_path, {k: np.stack(v) for k, v in norm_rows.items()})
+
+  if start_epoch == 0:
+    snapshot(0)
+    record_norms(0)
+
+  say(f"{config.name}: {config.description}\n  model {config.model} on {info.name} "
+      f"({info.num_train} train / {info.num_eval} test, {info.image_shape}), optimizer "
+      f"{config.optimizer}, {config.epochs} epochs × {steps_per_epoch} steps, batch "
+      f"{config.batch_size} on {n_dev} device(s)")
+  result: dict = {}
+  for epoch in range(start_epoch + 1, config.epochs + 1):
+    t0 = time.time()
+    batches = train_ds.train_batches(config.batch_size, epoch, max_steps=steps_per_epoch,
+                                     process_index=pid, process_count=pcount)
+    bar = None
+    if config.progress and _is_tty():
+      from tqdm import tqdm
+      bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False)
+    sums = None
+    for batch in batches:
+      state, m = train_step(state, to_global(batch), masks)
+      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      if bar is not None:
+        bar.update()
+    if bar is not None:
+      bar.close()
+    train_metrics = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
+    acc, loss = evaluate(state.params, state.batch_stats)
+    row = {"epoch": epoch, "lr": float(schedule(epoch * steps_per_epoch - 1)),
+           "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
+           "test_loss": loss, "test_accuracy": acc}
+    report = None
+    if is_slbi:
+      sparse = sparse_fn(state.params, state.opt_state)
+      row["sparse_test_accuracy"], row["sparse_test_loss"] = evaluate(sparse, state.batch_stats)
+      report = sparsity_report(jax.device_get(state.opt_state), jax.device_get(state.params))
+    elif masks is not None:
+      report = mask_sparsity_report({k: np.asarray(v) for k, v in
+                                     _flat(jax.device_get(masks)).items() if v is not None})
+    if report is not None:
+      row["weight_density"] = report["total"]["weight_density"]
+      row["group_density"] = report["total"]["group_density"]
+      row["layer_density"] = {k: v["weight_density"] for k, v in report["layers"].items()}
+    row["epoch_time_s"] = time.time() - t0
+    logger.log(row)
+    record_norms(epoch)
+    snapshot(epoch)
+    if ckpt is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
+      import orbax.checkpoint as ocp
+      ckpt.save(epoch, args=ocp.args.StandardSave(state))
+      ckpt.wait_until_finished()
+    line = (f"epoch {epoch:3d}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_accuracy']:.2%}  test acc {acc:.2%}")
+    if "sparse_test_accuracy" in row:
+      line += (f"  sparse acc {row['sparse_test_accuracy']:.2%}  weights kept "
+               f"{row['weight_density']:.1%}  filters kept {row['group_density']:.1%}")
+    say(line + f"  ({row['epoch_time_s']:.1f}s)")
+    result = dict(row, sparsity=report)
+  if ckpt is not None:
+    ckpt.close()
+  if not result and logger.rows:  # already trained: report the logged last epoch
+    result = dict(logger.rows[-1], sparsity=None)
+  result["history"] = list(logger.rows)
+  if verbose and result.get("sparsity") is not None:
+    say(f"\nFinal ({config.name}): dense W test accuracy {result['test_accuracy']:.2%}"
+        + (f", sparse W on supp Γ {result['sparse_test_accuracy']:.2%}"
+           if "sparse_test_accuracy" in result else ""))
+    say("Per-layer sparsity (nonzero / total):")
+    say(format_report(result["sparsity"]))
+  elif verbose and "test_accuracy" in result:
+    say(f"\nFinal ({config.name}): test accuracy {result['test_accuracy']:.2%}")
+  result["state"] = state
+  return result
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m examples.train",
+      description=("Train a network with SplitLBI (or an optax baseline) as in Fu et al., "
+                   "'Exploring Structural Sparsity of Deep Networks via Inverse Scale "
+                   "Spaces'. Without arguments: SplitLBI on scikit-learn's digits (no "
+                   "download, about a minute on a laptop CPU)."),
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=("examples:\n"
+              "  python -m examples.train                       # digits, SplitLBI\n"
+              "  python -m examples.train --config digits_sgd   # SGD (Mom-Wd) baseline\n"
+              "  python -m examples.train --config lenet_mnist --workdir runs/lenet \\\n"
+              "      --set data_dir=~/tensorflow_datasets epochs=20\n"
+              "  python -m examples.train --config lenet_mnist --set dataset=idx:~/mnist\n"
+              "  python -m examples.plots runs/lenet            # PNG plots\n"
+              "Datasets are never downloaded; see docs/examples.md."))
+  parser.add_argument("--config", default="digits",
+                      help="named config (default: digits); --list shows them all")
+  parser.add_argument("--workdir", default=None,
+                      help="directory for metrics, norms, checkpoints (resumes if present)")
+  parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                      help="override config fields, e.g. --set epochs=3 nu=100 optimizer=sgd")
+  parser.add_argument("--list", action="store_true", help="list the named configs and exit")
+  parser.add_argument("--show", action="store_true", help="print the resolved config and exit")
+  parser.add_argument("--quiet", action="store_true", help="only the final summary")
+  return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  """Command-line entry point; returns the final metrics (see ``train_and_evaluate``)."""
+  args = parse_args(argv)
+  if args.list:
+    for name, cfg in configs_lib.all_configs().items():
+      print(f"{name:<38} {cfg.description}")
+    return {}
+  config = configs_lib.apply_overrides(configs_lib.get_config(args.config), args.set)
+  if args.show:
+    for f in dataclasses.fields(config):
+      print(f"{f.name} = {getattr(config, f.name)!r}")
+    return {}
+  try:
+    return train_and_evaluate(config, args.workdir, verbose=not args.quiet)
+  except input_pipeline.DatasetNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+  main()
