@@ -25,6 +25,7 @@ order (V moves monotonically only while W keeps its sign pattern).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -81,12 +82,15 @@ def _tiebreak_norms(pe: LeafPenalty, v, w, lam, tiebreak: str) -> jax.Array:
   return n * scale
 
 
-def _keys(opt_state, params, tiebreak):
-  """Per penalized leaf (flat lists): primary int32 key, secondary float key, group size."""
+def _check_tiebreak(tiebreak: str, params: Any) -> None:
   if tiebreak not in ("v", "w"):
     raise ValueError(f"tiebreak must be 'v' or 'w', got {tiebreak!r}.")
   if tiebreak == "w" and params is None:
     raise ValueError("tiebreak='w' needs params.")
+
+
+def _keys(opt_state, params, tiebreak):
+  """Per penalized leaf trees: primary int32 key (entry step), secondary float key."""
   state = masks_lib.find_state(opt_state)
   lam = masks_lib.hyperparams(opt_state).get("lam")
   if tiebreak == "v" and lam is None and any(
@@ -130,6 +134,12 @@ def importance_scores(opt_state: Any, params: Optional[Any] = None, *,
   Returns:
     float32 pytree, keepdims layout, ``None`` at unpenalized leaves.
   """
+  _check_tiebreak(tiebreak, params)
+  return _importance_scores(opt_state, params, tiebreak)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _importance_scores(opt_state, params, tiebreak):
   state, primary, norms = _keys(opt_state, params, tiebreak)
   k_max = state.count
   for k in jax.tree.leaves(primary):
@@ -159,6 +169,12 @@ def importance_ranks(opt_state: Any, params: Optional[Any] = None, *,
   """
   if scope not in ("layer", "global"):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+  _check_tiebreak(tiebreak, params)
+  return _importance_ranks(opt_state, params, scope, tiebreak)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _importance_ranks(opt_state, params, scope, tiebreak):
   state, primary, norms = _keys(opt_state, params, tiebreak)
   prim = jax.tree.leaves(primary)
   sec = jax.tree.leaves(norms)
@@ -230,6 +246,12 @@ def prune_to_sparsity(params: Optional[Any], opt_state: Any, target, *,
     t = float(target)
     if not (0.0 <= t <= 1.0):
       raise ValueError(f"prune_to_sparsity: target must be a fraction in [0, 1], got {target!r}.")
+  _check_tiebreak(tiebreak, params)
+  return _prune_to_sparsity(params, opt_state, jnp.asarray(target, jnp.float32), scope, tiebreak)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _prune_to_sparsity(params, opt_state, target, scope, tiebreak):
   state, primary, norms = _keys(opt_state, params, tiebreak)
   info = masks_lib.penalized_leaves(state)
   prim = [p.reshape(-1) for p in jax.tree.leaves(primary)]
