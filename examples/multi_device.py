@@ -1,0 +1,210 @@
+r"""Data-parallel and FSDP training with SplitLBI on many devices and hosts.
+
+Usage (8 simulated devices on one CPU; on GPUs/TPUs drop the XLA_FLAGS)::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python -m examples.multi_device --mode fsdp --steps 30
+    python -m examples.multi_device --mode dp --checkpoint_dir /tmp/lbi_ckpt
+
+One ``jax.jit``-compiled train step serves every layout; only the shardings
+of the inputs change (GSPMD partitions the step):
+
+- ``--mode dp``: data parallel. Parameters and optimizer state replicated,
+  every batch split along the mesh axis ``"data"``.
+- ``--mode fsdp``: fully sharded. Every kernel (and with it b, V, Γ of the
+  SplitLBI state) is split along its group-index axis (conv output filters,
+  dense output neurons) over the same axis, so each device stores 1/N of the
+  parameters and of the state; batches are split as in ``dp``. Any axis
+  works under ``jit``, a reduced (in-group) axis included: the group norms
+  ‖V_g‖ of the prox are computed over the whole, global filter.
+
+Multi-host (one process per host, same command on each; see
+docs/scaling.md): ``--multihost`` calls ``jax.distributed.initialize()``
+(coordinator, process count and index come from the cluster environment,
+e.g. SLURM or Cloud TPU, or from its arguments). Each process builds only
+its own rows of every global batch and assembles the global array with
+``jax.make_array_from_process_local_data``; the mesh spans
+``jax.devices()``, all devices of all hosts. With ``--checkpoint_dir``
+(orbax; every process calls save/restore, each writes its own shards) a
+rerun resumes from the latest checkpoint, bit-identically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_splitlbi as sl
+
+NUM_CLASSES = 8
+
+
+def init_params(key: jax.Array, width: int = 16) -> dict:
+  """A tiny conv (HWIO, one group per output filter) + dense (lasso) net."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  he = lambda k, shape, fan_in: jax.random.normal(k, shape) * math.sqrt(2 / fan_in)
+  return {
+      "conv1": {"kernel": he(k1, (3, 3, 3, width), 27), "bias": jnp.zeros(width)},
+      "conv2": {"kernel": he(k2, (3, 3, width, width), 9 * width), "bias": jnp.zeros(width)},
+      "head": {"kernel": he(k3, (width, NUM_CLASSES), width), "bias": jnp.zeros(NUM_CLASSES)},
+  }
+
+
+def apply(params: dict, x: jax.Array) -> jax.Array:
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
+                           padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = jax.nn.relu(conv(x, params["conv1"]["kernel"]) + params["conv1"]["bias"])
+  h = jax.nn.relu(conv(h, params["conv2"]["kernel"]) + params["conv2"]["bias"])
+  return h.mean((1, 2)) @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def loss_fn(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y).mean()
+
+
+def local_batch(step: int, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
+  """THIS process's rows of the global batch of ``step`` (synthetic data).
+
+  A pure function of (step, process): a resumed run sees the same data. The
+  labels come from a fixed random "teacher" of the mean colour.
+  """
+  n_proc, proc = jax.process_count(), jax.process_index()
+  rows = global_batch // n_proc
+  rng = np.random.default_rng([step, proc])
+  x = rng.normal(size=(rows, 8, 8, 3)).astype(np.float32)
+  teacher = np.random.default_rng(0).normal(size=(3, NUM_CLASSES))
+  y = (x.mean((1, 2)) @ teacher).argmax(-1).astype(np.int32)
+  return x, y
+
+
+def param_specs(params: Any, mode: str, n: int) -> Any:
+  """PartitionSpecs: all replicated (dp) or each kernel split on its last
+  axis, the group-index axis, when it divides ``n`` (fsdp)."""
+  def spec(p):
+    if mode == "fsdp" and p.ndim >= 2 and p.shape[-1] % n == 0:
+      return P(*([None] * (p.ndim - 1) + ["data"]))
+    return P()
+  return jax.tree.map(spec, params)
+
+
+@functools.cache  # one optimizer and one jitted step per process: compiled once
+def make_optimizer(learning_rate: float = 0.1) -> optax.GradientTransformation:
+  return sl.splitlbi(learning_rate, kappa=1.0, nu=10.0, lam=0.3, momentum=0.9,
+                     weight_decay=1e-4, record_path=True)
+
+
+@functools.cache
+def make_train_step(opt: optax.GradientTransformation):
+  """The one train step of every layout; params and state are donated."""
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(params, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return train_step
+
+
+def bytes_per_device(tree: Any) -> int:
+  """Bytes that device 0 holds of ``tree`` (1/N of it for a sharded leaf)."""
+  return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def train(mode: str = "dp", steps: int = 30, global_batch: int = 32,
+          checkpoint_dir: str | None = None, save_every: int = 10,
+          log_every: int = 5, verbose: bool = True) -> dict:
+  """Trains the tiny net with SplitLBI on all devices; returns final metrics."""
+  n = jax.device_count()
+  if global_batch % n:
+    raise ValueError(f"global_batch={global_batch} must be a multiple of the "
+                     f"device count {n}.")
+  mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  data_sharding = NamedSharding(mesh, P("data"))
+
+  params = init_params(jax.random.key(0))  # same on every process (same key)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mode, n))
+  params = jax.device_put(params, shardings)
+  opt = make_optimizer()
+  opt_state = opt.init(params)  # b, V, Γ take the sharding of their parameter
+  train_step = make_train_step(opt)
+
+  start, mngr = 0, None
+  if checkpoint_dir is not None:
+    import orbax.checkpoint as ocp  # optional dependency (the [examples] extra)
+    mngr = ocp.CheckpointManager(checkpoint_dir,
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    if mngr.latest_step() is not None:
+      # The abstract target carries shapes, dtypes, shardings and the state's
+      # static nodes (penalties, κ, λ); restoring lays the arrays out on it
+      # (leaves not on the mesh, e.g. the step count, go replicated).
+      def on_mesh(x):
+        sharding = x.sharding if isinstance(x.sharding, NamedSharding) else replicated
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+      replicated = NamedSharding(mesh, P())
+      target = jax.tree.map(on_mesh, {"params": params, "opt_state": opt_state})
+      start = mngr.latest_step()
+      restored = mngr.restore(start, args=ocp.args.StandardRestore(target))
+      params, opt_state = restored["params"], restored["opt_state"]
+      if verbose:
+        print(f"resumed from step {start}")
+
+  if verbose:
+    print(f"{mode}: {n} devices, {jax.process_count()} process(es); per device: "
+          f"params {bytes_per_device(params)} B, state {bytes_per_device(opt_state)} B")
+  loss = float("nan")
+  for step in range(start, steps):
+    x, y = local_batch(step, global_batch)
+    x = jax.make_array_from_process_local_data(data_sharding, x)
+    y = jax.make_array_from_process_local_data(data_sharding, y)
+    params, opt_state, loss = train_step(params, opt_state, x, y)
+    if mngr is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+      mngr.save(step + 1, args=ocp.args.StandardSave(
+          {"params": params, "opt_state": opt_state}))
+      mngr.wait_until_finished()  # before the next step donates the buffers
+    if verbose and ((step + 1) % log_every == 0 or step + 1 == steps):
+      print(f"step {step + 1:4d}  loss {float(loss):.4f}  "
+            f"filters in supp Γ: {filters_in_support(opt_state)}")
+  if mngr is not None:
+    mngr.close()
+  return {"loss": float(loss), "params": params, "opt_state": opt_state,
+          "filters_in_support": filters_in_support(opt_state)}
+
+
+def filters_in_support(opt_state: Any) -> dict[str, str]:
+  """Per conv kernel, 'k/n' output filters with Γ ≠ 0 (from the path record)."""
+  entry = sl.find_state(opt_state).entry
+  out = {}
+  for name in ("conv1", "conv2"):
+    e = np.asarray(jax.device_get(entry[name]["kernel"]))
+    out[name] = f"{int((e >= 0).sum())}/{e.size}"
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--mode", choices=["dp", "fsdp"], default="dp")
+  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--global_batch", type=int, default=32)
+  parser.add_argument("--checkpoint_dir", default=None)
+  parser.add_argument("--save_every", type=int, default=10)
+  parser.add_argument("--multihost", action="store_true",
+                      help="call jax.distributed.initialize() first (one process per host)")
+  args = parser.parse_args(argv)
+  if args.multihost:
+    jax.distributed.initialize()
+  return train(args.mode, args.steps, args.global_batch, args.checkpoint_dir, args.save_every)
+
+
+if __name__ == "__main__":
+  main()
