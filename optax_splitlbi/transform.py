@@ -92,6 +92,24 @@ def _static_float(x: Any) -> Optional[float]:
   return float(x)
 
 
+def _own_buffer(fn: Callable[..., jax.Array], pred: jax.Array, *args) -> jax.Array:
+  """``fn(*args)``; on CPU computed once, into its own buffer.
+
+  XLA:CPU has no sibling multi-output fusion: each consumer of a cheap
+  elementwise value (here the coupling term (W − Γ)/ν, read by the updates of
+  b, W and V) recomputes it from W and Γ, and with donated params and state
+  the in-place writes of W' and Γ' then force full copies of the old W and Γ.
+  A conditional whose two branches are both ``fn`` (``pred`` is any traced
+  bool) cannot be fused through, so the value is materialized once and the
+  copies disappear (about 1/3 less update time on CPU; benchmarks/RESULTS.md).
+  Other backends fuse well and get plain ``fn(*args)``.
+  """
+  return jax.lax.platform_dependent(
+      pred, *args,
+      cpu=lambda p, *a: jax.lax.cond(p, fn, fn, *a),
+      default=lambda p, *a: fn(*a))
+
+
 def _default_weight_decay_mask(params):
   return jax.tree.map(lambda p: len(p.shape) > 1, params)
 
@@ -216,18 +234,24 @@ def splitlbi(
     if callable(mask):
       mask = mask(params)
     decay = flat(mask)
+    # β = 0 given as a number: skip the β·W term (one read of W less).
+    no_decay = _is_concrete(weight_decay) and not callable(weight_decay) and weight_decay == 0
 
     new_u, new_b, new_v, new_gam, new_ent = [], [], [], [], []
     for g, w, b, v, gam, ent, pe, dec in zip(
         g_leaves, p_leaves, b_leaves, v_leaves, gam_leaves, ent_leaves, pens, decay):
       ctype = jnp.promote_types(b.dtype, w.dtype)
       gc, wc, bc = g.astype(ctype), w.astype(ctype), b.astype(ctype)
-      gt = gc + weight_decay * wc if dec else gc
+      gt = gc + weight_decay * wc if dec and not no_decay else gc
       if pe is not None:
         vc = v.astype(ctype)
-        gc_old = (gam.astype(ctype) if store_gamma
-                  else kappa * prox_lib.prox(vc, pe, lam))
-        coupling_term = (wc - gc_old) / nu  # ∇_W ‖W − Γ‖²/(2ν)
+
+        def coupling_fn(wc, vc, gam, pe=pe, ctype=ctype):
+          gc_old = (gam.astype(ctype) if store_gamma
+                    else kappa * prox_lib.prox(vc, pe, lam))
+          return (wc - gc_old) / nu  # ∇_W ‖W − Γ‖²/(2ν)
+
+        coupling_term = _own_buffer(coupling_fn, count >= 0, wc, vc, gam)
         if coupling == "momentum":
           gt = gt + coupling_term
       b_next = momentum * bc + gt
