@@ -1,0 +1,137 @@
+"""Memory: optimizer-state bytes per parameter byte, and peak memory of a step.
+
+- State bytes are counted exactly from the state tree (every array leaf),
+  in total and over penalized leaves only (where SplitLBI keeps b, V, Γ).
+- XLA's static buffer assignment of the compiled train step
+  (``memory_analysis``: arguments, outputs, aliased, temporaries).
+- Peak memory: on CPU the process peak RSS (``ru_maxrss``), measured in a fresh
+  subprocess per configuration (the peak never decreases within a process),
+  minus the peak RSS of the same subprocess after imports and JAX start-up;
+  device ``memory_stats()`` where the backend provides them (GPU/TPU).
+
+Modes: ``sgd``; SplitLBI ``default``; ``lean`` (``store_gamma=False``);
+``bf16`` (bf16 parameters, ``state_dtype=float32``).
+
+Run alone: ``python -m benchmarks.memory [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_splitlbi as osl
+from benchmarks import common, optimizers, shapes
+
+MODES = ("sgd", "default", "lean", "bf16")
+
+
+def make_opt(mode: str) -> optax.GradientTransformation:
+  return optimizers.make({"sgd": "sgd", "default": "splitlbi", "lean": "splitlbi_lean",
+                          "bf16": "splitlbi_f32state"}[mode])
+
+
+def state_accounting(params, state) -> dict:
+  """Exact state bytes, in total and on penalized leaves, per parameter byte."""
+  pbytes = common.tree_bytes(params)
+  sbytes = common.tree_bytes(state)
+  out = {"param_bytes": pbytes, "state_bytes": sbytes, "state_per_param_byte": sbytes / pbytes}
+  try:
+    st = osl.find_state(state)
+  except ValueError:
+    return out
+  treedef = jax.tree.structure(params)
+  pens = treedef.flatten_up_to(st.penalty)
+  leaves = treedef.flatten_up_to(params)
+  fields = [treedef.flatten_up_to(t) for t in (st.momentum, st.v)]
+  if st.gamma is not None:
+    fields.append(treedef.flatten_up_to(st.gamma))
+  pen_p = sum(int(p.nbytes) for p, pe in zip(leaves, pens) if pe is not None)
+  pen_s = sum(int(f[i].nbytes) for f in fields for i, pe in enumerate(pens) if pe is not None)
+  out.update({"penalized_param_bytes": pen_p, "penalized_state_bytes": pen_s,
+              "penalized_state_per_param_byte": pen_s / pen_p,
+              "penalized_fraction_of_params": pen_p / pbytes})
+  return out
+
+
+def _worker(kind: str, model: str, mode: str) -> dict:
+  """Runs in a fresh process: builds, compiles and runs 3 steps; reports memory."""
+  base_rss = common.peak_rss_bytes()
+  opt = make_opt(mode)
+  pdtype = jnp.bfloat16 if mode == "bf16" else None
+  if kind == "train":
+    from benchmarks import train_step  # pylint: disable=import-outside-toplevel
+    name, shape = train_step.MODELS[model]
+    net, params, bs, x, y = train_step.build(name, shape, param_dtype=pdtype)
+    state = opt.init(params)
+    acct = state_accounting(params, state)
+    jitted = train_step.make_train_step(net, opt)
+    ct, compiled = common.compile_time(jitted, params, bs, state, x, y)
+    stepper = common.Stepper(compiled, (params, bs, state), (x, y))
+  else:
+    tree = shapes.ARCHS[model](pdtype or jnp.float32)
+    params = shapes.materialize(tree)
+    grads = shapes.materialize(tree, seed=1)
+    state = opt.init(params)
+    acct = state_accounting(params, state)
+    jitted = optimizers.update_step(opt)
+    ct, compiled = common.compile_time(jitted, params, state, grads)
+    stepper = common.Stepper(compiled, (params, state), (grads,))
+  for _ in range(3):
+    stepper.run()
+  peak = common.peak_rss_bytes()
+  return {**acct, "compile_s": ct, "memory_analysis": common.memory_analysis(compiled),
+          "peak_rss_bytes": peak, "startup_rss_bytes": base_rss,
+          "peak_rss_above_startup": peak - base_rss,
+          "device_memory_stats": common.device_memory_stats()}
+
+
+def measure(kind: str, model: str, mode: str) -> dict:
+  """Runs :func:`_worker` in a fresh interpreter and returns its JSON."""
+  env = dict(os.environ)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--worker", kind, model, mode],
+                       capture_output=True, text=True, env=env, cwd=root, check=False)
+  if out.returncode != 0:
+    return {"error": out.stderr[-2000:]}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False) -> dict:
+  configs = [("train", "ResNet-20"), ("update", "ResNet-50")]
+  if quick:
+    configs = [("train", "LeNet-5"), ("update", "ResNet-20")]
+  # Fresh processes, 4 at a time: each one's peak RSS is its own.
+  jobs = [(kind, model, m) for kind, model in configs for m in MODES]
+  with concurrent.futures.ThreadPoolExecutor(4) as ex:
+    outs = list(ex.map(lambda j: measure(*j), jobs))
+  res = {}
+  for (kind, model, m), r in zip(jobs, outs):
+    res.setdefault(f"{kind}:{model}", {})[m] = r
+  for key in res:
+    print(f"[memory] {key}: " + ", ".join(
+        f"{m} state/param {r.get('state_per_param_byte', float('nan')):.3f} "
+        f"peakRSS+{r.get('peak_rss_above_startup', 0)/2**20:.0f} MiB"
+        for m, r in res[key].items()), flush=True)
+  return res
+
+
+if __name__ == "__main__":
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--worker", nargs=3, metavar=("KIND", "MODEL", "MODE"))
+  a = ap.parse_args()
+  if a.worker:
+    print(json.dumps(_worker(*a.worker), default=float))
+  else:
+    print(json.dumps(run(a.quick), default=float)[:3000])

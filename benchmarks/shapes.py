@@ -1,0 +1,118 @@
+"""Parameter shape trees of standard architectures (Flax layout: HWIO conv kernels).
+
+Built by hand from the architectures (BatchNorm ``scale``/``bias`` are trainable
+parameters; running statistics are not and are left out). Leaves are
+``jax.ShapeDtypeStruct`` so nothing is allocated until :func:`materialize`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _conv(k, cin, cout, bias=False, dtype=jnp.float32):
+  d = {"kernel": jax.ShapeDtypeStruct((k, k, cin, cout), dtype)}
+  if bias:
+    d["bias"] = jax.ShapeDtypeStruct((cout,), dtype)
+  return d
+
+
+def _bn(c, dtype=jnp.float32):
+  return {"scale": jax.ShapeDtypeStruct((c,), dtype), "bias": jax.ShapeDtypeStruct((c,), dtype)}
+
+
+def _dense(cin, cout, dtype=jnp.float32):
+  return {"kernel": jax.ShapeDtypeStruct((cin, cout), dtype),
+          "bias": jax.ShapeDtypeStruct((cout,), dtype)}
+
+
+def lenet5(dtype=jnp.float32):
+  """LeNet-5 (LeCun 1998) on 28×28 MNIST: conv5-6, conv5-16, fc 120-84-10."""
+  return {"conv1": _conv(5, 1, 6, True, dtype), "conv2": _conv(5, 6, 16, True, dtype),
+          "fc1": _dense(16 * 4 * 4, 120, dtype), "fc2": _dense(120, 84, dtype),
+          "fc3": _dense(84, 10, dtype)}
+
+
+def resnet20(dtype=jnp.float32):
+  """CIFAR ResNet-20 (He 2016): 3 stages × 3 basic blocks, widths 16/32/64."""
+  p = {"conv_init": _conv(3, 3, 16, dtype=dtype), "bn_init": _bn(16, dtype)}
+  cin = 16
+  for s, w in enumerate((16, 32, 64)):
+    for b in range(3):
+      blk = {"conv1": _conv(3, cin, w, dtype=dtype), "bn1": _bn(w, dtype),
+             "conv2": _conv(3, w, w, dtype=dtype), "bn2": _bn(w, dtype)}
+      if cin != w:
+        blk["proj"] = _conv(1, cin, w, dtype=dtype)
+        blk["proj_bn"] = _bn(w, dtype)
+      p[f"stage{s}_block{b}"] = blk
+      cin = w
+  p["head"] = _dense(64, 10, dtype)
+  return p
+
+
+def _imagenet_resnet(blocks, bottleneck, dtype):
+  p = {"conv_init": _conv(7, 3, 64, dtype=dtype), "bn_init": _bn(64, dtype)}
+  cin = 64
+  for s, (n, w) in enumerate(zip(blocks, (64, 128, 256, 512))):
+    for b in range(n):
+      if bottleneck:
+        out = 4 * w
+        blk = {"conv1": _conv(1, cin, w, dtype=dtype), "bn1": _bn(w, dtype),
+               "conv2": _conv(3, w, w, dtype=dtype), "bn2": _bn(w, dtype),
+               "conv3": _conv(1, w, out, dtype=dtype), "bn3": _bn(out, dtype)}
+      else:
+        out = w
+        blk = {"conv1": _conv(3, cin, w, dtype=dtype), "bn1": _bn(w, dtype),
+               "conv2": _conv(3, w, w, dtype=dtype), "bn2": _bn(w, dtype)}
+      if cin != out:
+        blk["proj"] = _conv(1, cin, out, dtype=dtype)
+        blk["proj_bn"] = _bn(out, dtype)
+      p[f"stage{s}_block{b}"] = blk
+      cin = out
+  p["head"] = _dense(cin, 1000, dtype)
+  return p
+
+
+def resnet18(dtype=jnp.float32):
+  """ImageNet ResNet-18: basic blocks [2, 2, 2, 2]."""
+  return _imagenet_resnet((2, 2, 2, 2), False, dtype)
+
+
+def resnet50(dtype=jnp.float32):
+  """ImageNet ResNet-50: bottleneck blocks [3, 4, 6, 3]."""
+  return _imagenet_resnet((3, 4, 6, 3), True, dtype)
+
+
+def vgg16(dtype=jnp.float32):
+  """ImageNet VGG-16 (configuration D): 13 conv3 layers with biases, fc 4096-4096-1000."""
+  p, cin = {}, 3
+  for i, w in enumerate((64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)):
+    p[f"conv{i}"] = _conv(3, cin, w, True, dtype)
+    cin = w
+  p["fc0"] = _dense(512 * 7 * 7, 4096, dtype)
+  p["fc1"] = _dense(4096, 4096, dtype)
+  p["fc2"] = _dense(4096, 1000, dtype)
+  return p
+
+
+ARCHS = {"LeNet-5": lenet5, "ResNet-20": resnet20, "ResNet-18": resnet18,
+         "ResNet-50": resnet50, "VGG-16": vgg16}
+
+
+def num_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def num_bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def materialize(tree, seed: int = 0, scale: float = 0.05):
+  """Random arrays (each its own buffer) of the shapes and dtypes in ``tree``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([
+      (scale * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+      for k, x in zip(keys, leaves)])

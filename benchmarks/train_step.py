@@ -1,0 +1,107 @@
+"""Full train step (forward + backward + update) at batch 128, SplitLBI vs SGD-momentum.
+
+Models come from ``examples/models.py`` (LeNet-5 on 28×28×1, ResNet-20 on
+32×32×3). Parameters, BatchNorm statistics and optimizer state are donated.
+The two optimizers are timed interleaved in one process; the figure of merit
+is the ratio of medians.
+
+Run alone: ``python -m benchmarks.train_step [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import common, optimizers
+
+MODELS = {"LeNet-5": ("lenet5", (28, 28, 1)), "ResNet-20": ("resnet20", (32, 32, 3))}
+BATCH = 128
+
+
+def build(model_name: str, input_shape, batch: int = BATCH, param_dtype=None):
+  """(module, params, batch_stats, x, y) for ``examples.models.get_model(model_name)``."""
+  from examples import models  # pylint: disable=import-outside-toplevel
+  model = models.get_model(model_name, num_classes=10)
+  kx, ky, ki = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (batch, *input_shape), jnp.float32)
+  y = jax.random.randint(ky, (batch,), 0, 10)
+  variables = model.init(ki, x[:2], train=False)
+  params = variables["params"]
+  if param_dtype is not None:
+    params = jax.tree.map(lambda p: p.astype(param_dtype), params)
+  return model, params, variables.get("batch_stats", {}), x, y
+
+
+def make_train_step(model, opt: optax.GradientTransformation):
+  """jit(params, batch_stats, opt_state, x, y) -> (params, batch_stats, opt_state), donated."""
+
+  def loss_fn(params, batch_stats, x, y):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+      logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      batch_stats = new["batch_stats"]
+    else:
+      logits = model.apply(variables, x, train=True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, batch_stats
+
+  def step(params, batch_stats, opt_state, x, y):
+    grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def copy_tree(t: Any) -> Any:
+  return jax.tree.map(jnp.copy, t)
+
+
+def bench_model(label: str, rounds: int, opts=("sgd", "splitlbi", "splitlbi_lean")) -> dict:
+  name, shape = MODELS[label]
+  model, params, bs, x, y = build(name, shape)
+  steppers, compile_s = {}, {}
+  for o in opts:
+    opt = optimizers.make(o)
+    p, b = copy_tree(params), copy_tree(bs)
+    s = opt.init(p)
+    jitted = make_train_step(model, opt)
+    compile_s[o], compiled = common.compile_time(jitted, p, b, s, x, y)
+    steppers[o] = common.Stepper(compiled, (p, b, s), (x, y))
+  times = common.interleaved(steppers, rounds)
+  out = {"model": name, "batch": BATCH, "compile_s": compile_s, "opts": {}}
+  sgd = common.stats(times["sgd"])["median"]
+  for o in opts:
+    st = common.stats(times[o])
+    out["opts"][o] = {**st, "ratio_vs_sgd": st["median"] / sgd}
+  # Ratio per round (paired: same round, neighbouring in time) is more robust to drifts.
+  for o in opts:
+    if o != "sgd":
+      paired = [a / b for a, b in zip(times[o], times["sgd"])]
+      out["opts"][o]["paired_ratio"] = common.stats(paired)
+  return out
+
+
+def run(quick: bool = False) -> dict:
+  rounds = {"LeNet-5": 15, "ResNet-20": 8} if quick else {"LeNet-5": 60, "ResNet-20": 25}
+  res = {}
+  for label, r in rounds.items():
+    res[label] = bench_model(label, r)
+    o = res[label]["opts"]
+    print(f"[train] {label}: " + ", ".join(
+        f"{n} {o[n]['median']*1e3:.1f} ms (x{o[n]['ratio_vs_sgd']:.3f})" for n in o), flush=True)
+  return res
+
+
+if __name__ == "__main__":
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  a = ap.parse_args()
+  print(json.dumps(run(a.quick), default=float)[:3000])
