@@ -13,7 +13,7 @@ for lasso leaves (one "group" per weight). Unpenalized leaves are ``None``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
