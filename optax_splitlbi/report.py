@@ -22,6 +22,7 @@ import numpy as np
 from jax.tree_util import register_static
 
 from optax_splitlbi import masks as masks_lib
+from optax_splitlbi import retrain as retrain_lib
 from optax_splitlbi.prox import group_norms
 from optax_splitlbi.penalties import LeafPenalty, path_str
 
@@ -61,7 +62,8 @@ def _to_python(report: dict) -> dict:
   return py(report)
 
 
-def sparsity_report(opt_state: Any, params: Optional[Any] = None) -> dict:
+def sparsity_report(opt_state: Any, params: Optional[Any] = None, *,
+                    masks: Optional[Any] = None) -> dict:
   """Per-layer and total sparsity of supp(Γ), keyed by readable leaf paths.
 
   For a penalized leaf with penalty groups g (one per weight for lasso)::
@@ -76,6 +78,11 @@ def sparsity_report(opt_state: Any, params: Optional[Any] = None) -> dict:
     params: optional parameters; only used to count ``total["params"]`` (and
       checked against the state's structure). Without them the momentum
       buffer's shapes (one per parameter leaf) are counted.
+    masks: optional boolean masks (e.g. from :func:`prune_to_sparsity` or
+      :func:`entered_by`; ``None`` leaves, broadcastable shapes and prefix
+      trees as in :func:`apply_masks`) to report on instead of supp Γ:
+      ``nonzero_weights`` then counts the kept entries and ``nonzero_groups``
+      the groups with at least one kept entry.
 
   Returns:
     ``{"layers": {path: {"kind", "weights", "nonzero_weights", "weight_density",
@@ -85,14 +92,24 @@ def sparsity_report(opt_state: Any, params: Optional[Any] = None) -> dict:
     for lasso ``groups == weights``. A density over zero weights is 0.
   """
   state = masks_lib.find_state(opt_state)
-  gsup = jax.tree.leaves(masks_lib.group_support(opt_state))
+  info = masks_lib.penalized_leaves(state)
+  if masks is None:
+    gsup = jax.tree.leaves(masks_lib.group_support(opt_state))
+  else:
+    _, _, flat = retrain_lib._flat_masks(masks, state.momentum, "sparsity_report")
+    full = [jnp.ones(shape, bool) if flat[i] is None else jnp.broadcast_to(flat[i], shape)
+            for _, i, _, shape in info]
   layers = {}
-  for (name, _, pe, shape), nz in zip(masks_lib.penalized_leaves(state), gsup):
+  for j, (name, _, pe, shape) in enumerate(info):
     weights = math.prod(shape)
     groups = _num_groups(pe, shape)
     group_size = weights // groups if groups else 0
-    nonzero_groups = jnp.sum(nz, dtype=jnp.int32)
-    nonzero_weights = nonzero_groups * group_size
+    if masks is None:
+      nonzero_groups = jnp.sum(gsup[j], dtype=jnp.int32)
+      nonzero_weights = nonzero_groups * group_size
+    else:
+      nonzero_weights = jnp.sum(full[j], dtype=jnp.int32)
+      nonzero_groups = jnp.sum(jnp.any(full[j], axis=pe.reduce_axes), dtype=jnp.int32)
     layers[name] = {
         "kind": Kind(pe.kind),
         "weights": weights,

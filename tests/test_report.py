@@ -149,3 +149,28 @@ def test_coupling_residue_matches_numpy():
   ri = jax.jit(osl.coupling_residue)(_params(), si)
   np.testing.assert_allclose(ri["Dense_0/kernel"], ((W_DENSE - g_dense) ** 2).sum() / 8,
                              rtol=1e-5)
+
+
+def test_report_on_given_masks():
+  s = _state()
+  m = {"Conv_0": {"kernel": np.zeros((1, 1, 1, 4), bool), "bias": None},
+       "Dense_0": None}
+  m["Conv_0"]["kernel"][..., 2] = True               # one filter of 18 weights
+  r = osl.sparsity_report(s, masks=m)
+  conv = r["layers"]["Conv_0/kernel"]
+  assert (conv["nonzero_weights"], conv["nonzero_groups"]) == (18, 1)
+  dense = r["layers"]["Dense_0/kernel"]                # None: everything kept
+  assert (dense["nonzero_weights"], dense["nonzero_groups"]) == (15, 15)
+  assert r["total"]["nonzero_weights"] == 33 and r["total"]["nonzero_groups"] == 16
+  # A partial group counts its kept entries and as one nonzero group.
+  partial = {"Conv_0": {"kernel": np.zeros((3, 3, 2, 4), bool), "bias": None},
+             "Dense_0": False}
+  partial["Conv_0"]["kernel"][0, 0, 0, 1] = True
+  partial["Conv_0"]["kernel"][1, 0, 0, 3] = True
+  r = jax.jit(lambda st, mm: osl.sparsity_report(st, masks=mm))(s, partial)
+  assert int(r["total"]["nonzero_weights"]) == 2 and int(r["total"]["nonzero_groups"]) == 2
+  # Masks from prune_to_sparsity: exactly the requested fraction.
+  half = osl.prune_to_sparsity(_params(), s, 0.5)
+  r = osl.sparsity_report(s, masks=half)
+  assert r["layers"]["Conv_0/kernel"]["group_density"] == 0.5
+  assert r["layers"]["Dense_0/kernel"]["nonzero_weights"] == 7  # 7.5 → 7 (halves down)
