@@ -108,9 +108,15 @@ def _keys(opt_state, params, tiebreak):
   return state, primary, norms
 
 
+def _order(primary: jax.Array, secondary: jax.Array) -> jax.Array:
+  """Indices sorted by (primary ascending, secondary descending, index ascending)."""
+  index = jnp.arange(primary.size, dtype=jnp.int32)
+  return jnp.lexsort((index, -secondary, primary))  # the last key is the primary one
+
+
 def _ranks(primary: jax.Array, secondary: jax.Array) -> jax.Array:
   """0-based rank under (primary ascending, secondary descending, index), flat."""
-  order = jnp.lexsort((-secondary, primary))  # the last key is the primary one
+  order = _order(primary, secondary)
   return jnp.zeros(order.shape, jnp.int32).at[order].set(
       jnp.arange(order.size, dtype=jnp.int32))
 
@@ -120,8 +126,9 @@ def importance_scores(opt_state: Any, params: Optional[Any] = None, *,
   """A float score per group, higher = more important (for plots and inspection).
 
   ``score = (K + 1 − k) + s`` for a group that entered at step k (K = the
-  state's step count, or the latest entry step if larger) and ``score = s`` for one that never entered, with the
-  tie-break norm n (module docstring) squashed to s = n/(1 + n) ∈ [0, 1).
+  state's step count, or the latest entry step if larger) and ``score = s``
+  for one that never entered, with the tie-break norm n (module docstring)
+  squashed to s = n/(1 + n) ∈ [0, 1).
   Entered groups thus always outrank the others and earlier entry wins; float32
   limits how finely s breaks ties after many steps, so use
   :func:`importance_ranks` for an exact order.
@@ -198,7 +205,7 @@ def _unflatten_penalized(state, leaves: list) -> Any:
 
 def _keep_prefix(primary, secondary, sizes, target) -> jax.Array:
   """Flat bool: the prefix of the importance order whose size is nearest target·N."""
-  order = jnp.lexsort((-secondary, primary))
+  order = _order(primary, secondary)
   sizes_sorted = sizes[order]
   total = jnp.sum(sizes).astype(jnp.float32)
   kept = jnp.concatenate([jnp.zeros(1, jnp.float32),

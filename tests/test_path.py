@@ -266,3 +266,14 @@ def test_bad_arguments():
     osl.importance_ranks(s, tiebreak="gamma")
   with pytest.raises(ValueError, match="params"):
     osl.prune_to_sparsity(None, s, 0.5, tiebreak="w")
+
+
+def test_full_ties_fall_back_to_position():
+  params = {"a": jnp.zeros((3, 2)), "b": jnp.zeros((1, 1, 1, 4))}
+  s = osl.splitlbi(0.1, record_path=True).init(params)  # all −1, V = 0: complete ties
+  r = osl.importance_ranks(s, scope="global")
+  np.testing.assert_array_equal(r["a"], np.arange(6).reshape(3, 2))
+  np.testing.assert_array_equal(r["b"].ravel(), 6 + np.arange(4))
+  m = osl.prune_to_sparsity(params, s, 0.3, scope="global")  # 3 of 10 weights
+  np.testing.assert_array_equal(m["a"].ravel(), [1, 1, 1, 0, 0, 0])
+  assert not m["b"].any()
