@@ -33,7 +33,7 @@ def _is_none(x: Any) -> bool:
 
 
 def _flat_masks(masks: Any, tree: Any, who: str):
-  """(paths, leaves of ``tree``, mask per leaf or None), shapes checked."""
+  """(key paths and leaves of ``tree``, its treedef, one mask or None per leaf), checked."""
   with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
   # ``masks`` may be a prefix of ``tree``: a mask (or None) stands for a whole subtree.
   m_leaves, m_def = jax.tree.flatten(masks, is_leaf=_is_none)
