@@ -49,14 +49,18 @@ import optax_splitlbi as sl
 NUM_CLASSES = 8
 
 
-def init_params(key: jax.Array, width: int = 16) -> dict:
-  """A tiny conv (HWIO, one group per output filter) + dense (lasso) net."""
-  k1, k2, k3 = jax.random.split(key, 3)
-  he = lambda k, shape, fan_in: jax.random.normal(k, shape) * math.sqrt(2 / fan_in)
+def init_params(seed: int = 0, width: int = 16) -> dict:
+  """A tiny conv (HWIO, one group per output filter) + dense (lasso) net.
+
+  He-normal from a NumPy seed: identical on every host, no device work.
+  """
+  rng = np.random.default_rng(seed)
+  he = lambda shape, fan_in: (rng.normal(size=shape) * math.sqrt(2 / fan_in)).astype(np.float32)
+  zeros = lambda n: np.zeros(n, np.float32)
   return {
-      "conv1": {"kernel": he(k1, (3, 3, 3, width), 27), "bias": jnp.zeros(width)},
-      "conv2": {"kernel": he(k2, (3, 3, width, width), 9 * width), "bias": jnp.zeros(width)},
-      "head": {"kernel": he(k3, (width, NUM_CLASSES), width), "bias": jnp.zeros(NUM_CLASSES)},
+      "conv1": {"kernel": he((3, 3, 3, width), 27), "bias": zeros(width)},
+      "conv2": {"kernel": he((3, 3, width, width), 9 * width), "bias": zeros(width)},
+      "head": {"kernel": he((width, NUM_CLASSES), width), "bias": zeros(NUM_CLASSES)},
   }
 
 
@@ -132,7 +136,7 @@ def train(mode: str = "dp", steps: int = 30, global_batch: int = 32,
   mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   data_sharding = NamedSharding(mesh, P("data"))
 
-  params = init_params(jax.random.key(0))  # same on every process (same key)
+  params = init_params(0)  # the same on every process (same seed)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mode, n))
   params = jax.device_put(params, shardings)
   opt = make_optimizer()

@@ -24,9 +24,12 @@ STEPS, SAVE_AT = 6, 3
 
 
 def init_params():
-  k1, k2 = jax.random.split(jax.random.key(0))
-  return {"conv": {"kernel": 0.3 * jax.random.normal(k1, (3, 3, 4, 8)), "bias": jnp.zeros(8)},
-          "out": {"kernel": 0.5 * jax.random.normal(k2, (8, 8)), "bias": jnp.zeros(8)}}
+  """NumPy-initialised (eager jax.random costs seconds of small compiles)."""
+  rng = np.random.default_rng(0)
+  return {"conv": {"kernel": (0.3 * rng.normal(size=(3, 3, 4, 8))).astype(np.float32),
+                   "bias": np.zeros(8, np.float32)},
+          "out": {"kernel": (0.5 * rng.normal(size=(8, 8))).astype(np.float32),
+                  "bias": np.zeros(8, np.float32)}}
 
 
 def make_opt():
@@ -39,8 +42,9 @@ def make_opt():
 
 def batch(step):
   """The batch of a step: a pure function of the step index (resumable data)."""
-  kx, ky = jax.random.split(jax.random.fold_in(jax.random.key(1), step))
-  return jax.random.normal(kx, (8, 4, 4, 4)), jax.random.randint(ky, (8,), 0, 8)
+  rng = np.random.default_rng([1, step])
+  return (rng.normal(size=(8, 4, 4, 4)).astype(np.float32),
+          rng.integers(0, 8, size=8).astype(np.int32))
 
 
 def loss_fn(params, x, y):

@@ -50,3 +50,16 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_scaling_doc_snippets_run_in_order():
+  """The ```python blocks of docs/scaling.md run, in order, in one namespace
+  (```py blocks need several hosts or the shard_map option and are shown only)."""
+  import re
+  doc = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+  blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+  assert len(blocks) >= 5
+  namespace = {}
+  for i, block in enumerate(blocks):
+    exec(compile(block, f"docs/scaling.md[python block {i}]", "exec"), namespace)
+  assert int(namespace["step"]) == 3

@@ -32,15 +32,19 @@ def make_opt():
 
 
 def init_params():
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-  return {"conv": {"kernel": 0.3 * jax.random.normal(k1, (3, 3, 8, 8)), "bias": jnp.zeros(8)},
-          "fc": {"kernel": 0.5 * jax.random.normal(k2, (8, 16)), "bias": jnp.zeros(16)},
-          "out": {"kernel": 0.5 * jax.random.normal(k3, (16, 8)), "bias": jnp.zeros(8)}}
+  """NumPy-initialised (eager jax.random costs seconds of small compiles)."""
+  rng = np.random.default_rng(0)
+  normal = lambda scale, shape: (scale * rng.normal(size=shape)).astype(np.float32)
+  zeros = lambda n: np.zeros(n, np.float32)
+  return {"conv": {"kernel": normal(0.3, (3, 3, 8, 8)), "bias": zeros(8)},
+          "fc": {"kernel": normal(0.5, (8, 16)), "bias": zeros(16)},
+          "out": {"kernel": normal(0.5, (16, 8)), "bias": zeros(8)}}
 
 
 def batch():
-  kx, ky = jax.random.split(jax.random.key(1))
-  return jax.random.normal(kx, (16, 5, 5, 8)), jax.random.randint(ky, (16,), 0, 8)
+  rng = np.random.default_rng(1)
+  return (rng.normal(size=(16, 5, 5, 8)).astype(np.float32),
+          rng.integers(0, 8, size=16).astype(np.int32))
 
 
 def apply(params, x):
@@ -230,11 +234,11 @@ def test_shard_map_data_parallel_identical_on_every_device(check_vma):
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("x"), P("x")),
                      out_specs=P("x"), check_vma=check_vma)
   def run(params, x, y):
-    state = opt.init(params)
-    for _ in range(STEPS):
+    def body(_, carry):
+      params, state = carry
       updates, state = opt.update(grad_fn(params, x, y), state, params)
-      params = optax.apply_updates(params, updates)
-    return _per_device((params, state))
+      return optax.apply_updates(params, updates), state
+    return _per_device(jax.lax.fori_loop(0, STEPS, body, (params, opt.init(params))))
 
   _assert_all_devices_equal_and_single(*jax.device_get(run(init_params(), x, y)))
 
@@ -258,7 +262,7 @@ def test_shard_map_fsdp_on_filter_axis():
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(specs, P("x"), P("x")),
                      out_specs=(specs, P("x")))
   def run(params, x, y):
-    state = opt.init(params)  # every state field is local: no group is split
+    state = opt.init(params)  # on the local shards: no group is split
     for _ in range(STEPS):
       full_grads = jax.grad(lambda p: loss_fn(gather(p), x, y))(params)
       # grad through all_gather is already the psum-scatter of the local
@@ -285,12 +289,12 @@ def test_pmap_data_parallel_identical_on_every_device():
 
   @functools.partial(jax.pmap, axis_name="i")
   def run(params, x, y):
-    state = opt.init(params)
-    for _ in range(STEPS):
+    def body(_, carry):
+      params, state = carry
       grads = jax.lax.pmean(jax.grad(loss_fn)(params, x, y), "i")
       updates, state = opt.update(grads, state, params)
-      params = optax.apply_updates(params, updates)
-    return params, state
+      return optax.apply_updates(params, updates), state
+    return jax.lax.fori_loop(0, STEPS, body, (params, opt.init(params)))
 
   replicated = jax.tree.map(lambda p: np.broadcast_to(p, (n,) + p.shape), init_params())
   split = lambda a: a.reshape((n, -1) + a.shape[1:])
