@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -234,7 +235,9 @@ def prune_to_sparsity(params: Optional[Any], opt_state: Any, target, *,
     opt_state: a SplitLBI state (or one containing it); with
       ``record_path=True`` for the entry order, otherwise the order is by the
       tie-break norm alone.
-    target: fraction in [0, 1] of weights to keep (may be traced).
+    target: fraction in [0, 1] of weights to keep (may be traced), or, with
+      ``scope="layer"``, a mapping ``{path: fraction}`` over every penalized
+      layer (as in :func:`sparsity_report`) for per-layer densities.
     scope: ``"layer"`` (each penalized leaf keeps ``target`` of itself) or
       ``"global"`` (one budget over all penalized leaves, so layers end up with
       different densities).
@@ -245,16 +248,35 @@ def prune_to_sparsity(params: Optional[Any], opt_state: Any, target, *,
     (ready for :func:`optax_splitlbi.apply_masks` / :func:`masked_updates`).
 
   Raises:
-    ValueError: for a concrete ``target`` outside [0, 1] or a bad ``scope``.
+    ValueError: for a concrete ``target`` outside [0, 1], a target mapping
+      that does not name exactly the penalized layers, or a bad ``scope``.
   """
   if scope not in ("layer", "global"):
     raise ValueError(f"prune_to_sparsity: scope must be 'layer' or 'global', got {scope!r}.")
-  if not isinstance(target, jax.core.Tracer):
-    t = float(target)
-    if not (0.0 <= t <= 1.0):
-      raise ValueError(f"prune_to_sparsity: target must be a fraction in [0, 1], got {target!r}.")
+  if isinstance(target, Mapping):
+    if scope != "layer":
+      raise ValueError("prune_to_sparsity: a per-layer target mapping needs scope='layer'.")
+    names = [name for name, _, _, _ in masks_lib.penalized_leaves(opt_state)]
+    missing = [n for n in names if n not in target]
+    unknown = [n for n in target if n not in names]
+    if missing or unknown:
+      raise ValueError(f"prune_to_sparsity: the target mapping must have exactly the "
+                       f"penalized layers {names}; missing {missing}, unknown {unknown}.")
+    for n in names:
+      _check_fraction(target[n], f"target[{n!r}]")
+    target = jnp.stack([jnp.asarray(target[n], jnp.float32) for n in names]) if names else (
+        jnp.zeros(0, jnp.float32))
+  else:
+    _check_fraction(target, "target")
   _check_tiebreak(tiebreak, params)
   return _prune_to_sparsity(params, opt_state, jnp.asarray(target, jnp.float32), scope, tiebreak)
+
+
+def _check_fraction(x, name: str) -> None:
+  if isinstance(x, jax.core.Tracer):
+    return
+  if not 0.0 <= float(x) <= 1.0:  # also rejects NaN
+    raise ValueError(f"prune_to_sparsity: {name} must be a fraction in [0, 1], got {x!r}.")
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -265,7 +287,8 @@ def _prune_to_sparsity(params, opt_state, target, scope, tiebreak):
   sec = [s.reshape(-1) for s in jax.tree.leaves(norms)]
   sizes = [jnp.full(p.shape, pe.group_size, jnp.int32) for p, (_, _, pe, _) in zip(prim, info)]
   if scope == "layer":
-    keep = [_keep_prefix(p, s, z, target) for p, s, z in zip(prim, sec, sizes)]
+    targets = target if target.ndim else [target] * len(prim)
+    keep = [_keep_prefix(p, s, z, t) for p, s, z, t in zip(prim, sec, sizes, targets)]
   elif prim:
     flat = _keep_prefix(jnp.concatenate(prim), jnp.concatenate(sec), jnp.concatenate(sizes),
                         target)

@@ -277,3 +277,18 @@ def test_full_ties_fall_back_to_position():
   m = osl.prune_to_sparsity(params, s, 0.3, scope="global")  # 3 of 10 weights
   np.testing.assert_array_equal(m["a"].ravel(), [1, 1, 1, 0, 0, 0])
   assert not m["b"].any()
+
+
+def test_per_layer_target_mapping():
+  params, s = _hand_state()
+  m = osl.prune_to_sparsity(params, s, {"conv": 0.2, "dense": 0.75})
+  np.testing.assert_array_equal(np.asarray(m["conv"][0, 0, 0]), [0, 0, 0, 1, 0])  # filter 3
+  assert int(np.sum(m["dense"])) == 15
+  with pytest.raises(ValueError, match="missing \\['dense'\\]"):
+    osl.prune_to_sparsity(params, s, {"conv": 0.2})
+  with pytest.raises(ValueError, match="dense"):
+    osl.prune_to_sparsity(params, s, {"conv": 0.2, "dense": 2.0})
+  with pytest.raises(ValueError, match="scope='layer'"):
+    osl.prune_to_sparsity(params, s, {"conv": 0.2, "dense": 0.5}, scope="global")
+  with pytest.raises(ValueError, match="target"):
+    osl.prune_to_sparsity(params, s, float("nan"))
