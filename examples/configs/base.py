@@ -54,6 +54,7 @@ class Config:
   max_steps_per_epoch: Optional[int] = None
   num_devices: Optional[int] = None  # None: all devices (data parallel)
   seed: int = 0
+  prng_impl: str = "rbg"           # PRNG of the weight init (threefry2x32: JAX's default)
   checkpoint_every: int = 1        # epochs between checkpoints (with a workdir)
   keep_checkpoints: int = 2
   record_norms: bool = True        # per-filter norms of Γ and W each epoch (Fig. 1)
