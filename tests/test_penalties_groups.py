@@ -96,30 +96,39 @@ def test_attention_head_groups_and_normalized_threshold():
   np.testing.assert_allclose(out, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("spec,shape,touch,want_groups", [
-    # A loss on one slice: exactly that group (and all of its entries) enters supp Γ.
-    (osl.dense_neurons(), (3, 4), (slice(None), 2), (slice(None), 2)),
-    (osl.dense_inputs(), (3, 4), (1, 0), (1, slice(None))),
-    (osl.conv_input_channels(), (1, 1, 3, 2), (0, 0, 1, 1), (slice(None), slice(None), 1)),
-    (osl.attention_heads(), (2, 3, 2), (0, 2, 1), (slice(None), 2, slice(None))),
-])
-def test_one_touched_group_enters_alone(spec, shape, touch, want_groups):
-  params = {"w": jnp.zeros(shape)}
-  opt = osl.splitlbi(0.5, nu=1.0, lam=1.0, penalty={"w": spec}, record_path=True)
+CASES = {  # name: (spec, shape, the slice the loss touches, the group it lies in)
+    "neurons": (osl.dense_neurons(), (3, 4), (slice(None), 2), (slice(None), 2)),
+    "inputs": (osl.dense_inputs(), (3, 4), (1, 0), (1, slice(None))),
+    "in_channels": (osl.conv_input_channels(), (1, 1, 3, 2), (0, 0, 1, 1),
+                    (slice(None), slice(None), 1)),
+    "heads": (osl.attention_heads(), (2, 3, 2), (0, 2, 1), (slice(None), 2, slice(None))),
+}
+
+
+def test_one_touched_group_enters_alone():
+  # A loss on one slice of each leaf: exactly the group holding it (and all of its
+  # entries) enters supp Γ; leaves are independent, so one run checks all specs.
+  params = {k: jnp.zeros(shape) for k, (_, shape, _, _) in CASES.items()}
+  opt = osl.splitlbi(0.5, nu=1.0, lam=1.0, penalty={k: c[0] for k, c in CASES.items()},
+                     record_path=True)
 
   def loss(p):
-    return -5.0 * jnp.sum(p["w"][touch])
+    return -5.0 * sum(jnp.sum(p[k][touch]) for k, (_, _, touch, _) in CASES.items())
 
   def step(carry, _):
     p, s = carry
     u, s = opt.update(jax.grad(loss)(p), s, p)
     return (optax.apply_updates(p, u), s), None
 
-  (_, state), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=10)
-  want = np.zeros(shape, bool)
-  want[want_groups] = True
-  np.testing.assert_array_equal(osl.support(state)["w"], want)
-  entry = np.asarray(osl.entry_steps(state)["w"])
-  assert entry.shape == tuple(1 if a in _resolve(spec, shape).reduce_axes else n
-                              for a, n in enumerate(shape))
-  assert (entry > 0).sum() == 1 and (entry == -1).sum() == entry.size - 1
+  (_, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, None, length=10))(
+      (params, opt.init(params)))
+  support = osl.support(state)
+  entry = osl.entry_steps(state)
+  for k, (spec, shape, _, group) in CASES.items():
+    want = np.zeros(shape, bool)
+    want[group] = True
+    np.testing.assert_array_equal(support[k], want, err_msg=k)
+    e = np.asarray(entry[k])
+    assert e.shape == tuple(1 if a in _resolve(spec, shape).reduce_axes else n
+                            for a, n in enumerate(shape)), k
+    assert (e > 0).sum() == 1 and (e == -1).sum() == e.size - 1, k

@@ -86,22 +86,28 @@ def test_projection_zeroes_unmasked_start_and_project_false_freezes():
                                 np.asarray(p0["Dense_0"]["kernel"])[~m0])
 
 
-def test_masks_from_support_and_prune_plug_in_and_donation():
+def test_masks_from_support_and_prune_plug_in_swap_and_donation():
   params = {"conv": jnp.ones((1, 1, 2, 3)), "dense": jnp.ones((2, 3)), "bias": jnp.ones(3)}
   s = osl.splitlbi(0.1, record_path=True).init(params)
   s = s._replace(gamma={"conv": jnp.asarray([[[[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]]]]),
                         "dense": jnp.asarray([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]),
                         "bias": optax.MaskedNode()})
-  for masks in (osl.support(s), osl.prune_to_sparsity(params, s, 0.5)):
-    opt = optax.chain(optax.sgd(0.1, momentum=0.9), osl.masked_updates(masks))
-    state = opt.init(params)
-    step = jax.jit(lambda p, st: _apply(opt, p, st), donate_argnums=(0, 1))
-    p, st = step(jax.tree.map(jnp.array, params), state)
-    p, st = step(p, st)
-    for w, m in [(p["conv"], masks["conv"]), (p["dense"], masks["dense"])]:
-      assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0)
-      assert not m.is_deleted()  # the state holds its own copy of the masks
-    np.testing.assert_array_equal(osl.support(s)["conv"][0, 0, 0], [True, False, True])
+  supp = osl.support(s)
+  opt = optax.chain(optax.sgd(0.1, momentum=0.9), osl.masked_updates(supp))
+  step = jax.jit(lambda p, st: _apply(opt, p, st), donate_argnums=(0, 1))
+  p, st = step(jax.tree.map(jnp.array, params), opt.init(params))
+  p, st = step(p, st)
+  for w, m in [(p["conv"], supp["conv"]), (p["dense"], supp["dense"])]:
+    assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0)
+    assert np.all(np.asarray(w)[np.asarray(m)] != 1.0)
+    assert not m.is_deleted()  # the state holds its own copy of the masks
+  # Iterative pruning: swap in prune_to_sparsity's masks through the state (no recompile).
+  half = osl.prune_to_sparsity(params, s, 0.5)
+  new_masks = osl.masked_updates(half).init(params)
+  st = (st[0], new_masks)
+  p, st = step(p, st)
+  for w, m in [(p["conv"], half["conv"]), (p["dense"], half["dense"])]:
+    assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0)
 
 
 def _apply(opt, p, st):
