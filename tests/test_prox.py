@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 import optax_splitlbi as sl
 
-floats = st.floats(-5, 5, allow_nan=False, width=32)
+floats = st.floats(-5, 5, allow_nan=False, allow_subnormal=False, width=32)
 lams = st.floats(0, 3, allow_nan=False, width=32)
 settings.register_profile("ci", max_examples=60, deadline=None)
 settings.load_profile("ci")
@@ -26,7 +26,7 @@ def test_soft_threshold_kkt(v, lam):
   nz = x != 0
   np.testing.assert_allclose(r[nz], lam * np.sign(x[nz]), atol=1e-5)
   assert np.all(np.abs(r[~nz]) <= lam + 1e-6)
-  assert np.all(np.abs(x) <= np.abs(v))  # shrinkage
+  assert np.all(np.abs(x) <= np.abs(v))  # shrinkage (elementwise: exact)
 
 
 @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5)),
@@ -44,7 +44,7 @@ def test_group_prox_kkt_per_group(v, lam):
       assert nv > lam
     else:
       assert nv <= lam * (1 + 1e-6)
-    assert nx <= nv + 1e-6  # shrinkage never increases the norm
+    assert nx <= nv * (1 + 1e-5) + 1e-6  # shrinkage never increases the norm
 
 
 def test_group_prox_hand_values():
