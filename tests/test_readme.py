@@ -17,7 +17,7 @@ def test_readme_has_snippets():
 def test_readme_snippet_runs(index):
   namespace = {}
   exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)
-  if "masks" in namespace:  # the train-step snippet: masks match the params
+  if "sparse" in namespace:  # the train-step snippet: masks match the params
     import jax
     params, masks = namespace["params"], namespace["masks"]
     assert masks["Conv_0"]["kernel"].shape == params["Conv_0"]["kernel"].shape
