@@ -13,6 +13,7 @@ The per-group operator is written once, on a single group, and
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +26,15 @@ def soft_threshold(v: jax.Array, lam) -> jax.Array:
   return jnp.sign(v) * jnp.maximum(jnp.abs(v) - lam, 0)
 
 
-def _norm(g: jax.Array) -> jax.Array:
-  """‖g‖₂ in at least float32, with a finite gradient at g = 0 (double where)."""
+def _norm(g: jax.Array, axis_name: Any = None) -> jax.Array:
+  """‖g‖₂ in at least float32, with a finite gradient at g = 0 (double where).
+
+  With ``axis_name`` (inside ``shard_map``) ``g`` is this device's part of a
+  group split over those mesh axes: ‖g‖² = psum of the local ‖g_shard‖².
+  """
   sq = jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
+  if axis_name:
+    sq = jax.lax.psum(sq, axis_name)
   return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1)), 0)
 
 
@@ -38,16 +45,19 @@ def _group_scale(norm: jax.Array, lam) -> jax.Array:
   return jnp.where(norm > lam, 1 - lam / safe, jnp.where(lam == 0, 1, 0))
 
 
-def group_soft_threshold(v: jax.Array, lam) -> jax.Array:
+def group_soft_threshold(v: jax.Array, lam, axis_name: Any = None) -> jax.Array:
   """The ℓ₂ prox of ONE group: max(0, 1 − λ/‖v‖₂)·v, with 0 for v = 0.
 
   Args:
     v: the entries of one group, any shape.
     lam: threshold λ ≥ 0.
+    axis_name: inside ``shard_map``, the mesh axis name(s) the group is split
+      over (its squared norm is psum-reduced over them); ``None``: ``v`` is
+      the whole group (also under ``jit``, where GSPMD reduces globally).
   Returns:
     The shrunk group, same shape and dtype as ``v``.
   """
-  return (_group_scale(_norm(v), lam) * v).astype(v.dtype)
+  return (_group_scale(_norm(v, axis_name), lam) * v).astype(v.dtype)
 
 
 def group_map(fn: Callable[..., jax.Array], x: jax.Array,
@@ -78,28 +88,34 @@ def group_map(fn: Callable[..., jax.Array], x: jax.Array,
   return f(x, *args)
 
 
-def group_norms(x: jax.Array, reduce_axes: Sequence[int]) -> jax.Array:
-  """‖x_g‖₂ per group, keepdims layout (size-1 dims at ``reduce_axes``)."""
-  return group_map(_norm, x, reduce_axes)
+def group_norms(x: jax.Array, reduce_axes: Sequence[int],
+                axis_name: Any = None) -> jax.Array:
+  """‖x_g‖₂ per group, keepdims layout (size-1 dims at ``reduce_axes``).
+
+  ``axis_name``: as in :func:`group_soft_threshold` (groups split by shard_map).
+  """
+  return group_map(lambda g: _norm(g, axis_name), x, reduce_axes)
 
 
-def prox(v: jax.Array, penalty: LeafPenalty, lam) -> jax.Array:
+def prox(v: jax.Array, penalty: LeafPenalty, lam, axis_name: Any = None) -> jax.Array:
   """Prox_{λΩ}(v) for one leaf under its resolved penalty.
 
   Args:
     v: the leaf's V.
     penalty: the leaf's resolved :class:`LeafPenalty`.
     lam: the optimizer's global λ (used unless the penalty sets its own).
+    axis_name: the mesh axes that split this leaf's groups inside
+      ``shard_map`` (see :func:`group_soft_threshold`); ``None`` otherwise.
   """
   t = penalty.threshold(lam)
   if penalty.kind == "lasso":
     return soft_threshold(v, t)
-  return group_map(group_soft_threshold, v, penalty.reduce_axes, t)
+  return group_map(lambda g: group_soft_threshold(g, t, axis_name), v, penalty.reduce_axes)
 
 
-def active(v: jax.Array, penalty: LeafPenalty, lam) -> jax.Array:
+def active(v: jax.Array, penalty: LeafPenalty, lam, axis_name: Any = None) -> jax.Array:
   """Which groups (keepdims layout) or entries of Prox(v) are nonzero."""
   t = penalty.threshold(lam)
   if penalty.kind == "lasso":
     return jnp.abs(v) > t
-  return group_norms(v, penalty.reduce_axes) > t
+  return group_norms(v, penalty.reduce_axes, axis_name) > t

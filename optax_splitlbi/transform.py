@@ -110,6 +110,39 @@ def _own_buffer(fn: Callable[..., jax.Array], pred: jax.Array, *args) -> jax.Arr
       default=lambda p, *a: fn(*a))
 
 
+def _is_spec(x: Any) -> bool:
+  return x is None or isinstance(x, jax.sharding.PartitionSpec)
+
+
+def _group_split_axes(param_specs, params, treedef, pens, p_leaves) -> list[tuple]:
+  """Per leaf, the shard_map mesh axes that split its groups (else ())."""
+  if param_specs is None:
+    return [()] * len(pens)
+  specs = treedef.flatten_up_to(jax.tree.broadcast(param_specs, params, is_leaf=_is_spec))
+  paths = [penalties_lib.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  out = []
+  for path, spec, pe, w in zip(paths, specs, pens, p_leaves):
+    names = []
+    if pe is not None and pe.kind == "group" and spec is not None:
+      for a in pe.reduce_axes:
+        entry = spec[a] if a < len(spec) else None
+        names += [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
+    if names:
+      try:
+        split = math.prod(jax.lax.axis_size(n) for n in names)
+      except NameError:
+        raise ValueError(f"splitlbi: param_specs splits the groups of {path} over mesh "
+                         f"axes {names}, but update is not inside jax.shard_map over "
+                         "them; under jax.jit leave param_specs=None.") from None
+      local = math.prod(w.shape[a] for a in pe.reduce_axes)
+      if local * split != pe.group_size:
+        raise ValueError(f"splitlbi: {path}: a local group has {local} entries, split "
+                         f"{split} ways, but the state's group size is {pe.group_size}; "
+                         "call init on the global params and pass their specs.")
+    out.append(tuple(names))
+  return out
+
+
 def _default_weight_decay_mask(params):
   return jax.tree.map(lambda p: len(p.shape) > 1, params)
 
@@ -129,6 +162,7 @@ def splitlbi(
     record_path: bool = False,
     store_gamma: bool = True,
     state_dtype: Optional[jnp.dtype] = None,
+    param_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Split Linearized Bregman Iteration (Fu et al., "Exploring Structural
   Sparsity of Deep Networks via Inverse Scale Spaces", TPAMI 2022; eqs. 4, 12-14).
@@ -168,6 +202,13 @@ def splitlbi(
       Γ = κ·Prox(V) each step (2× param bytes, one extra prox per step).
     state_dtype: dtype of b, V and Γ (e.g. ``jnp.float32`` with bf16
       params); default: each parameter's dtype.
+    param_specs: only for ``update`` inside ``jax.shard_map`` when a group is
+      split over devices: the params' ``PartitionSpec`` s (a pytree prefix,
+      as in ``in_specs``). Group norms are then psum-reduced over the mesh
+      axes named at a group's reduced axes, so Γ is the prox of the global
+      group. Not needed under ``jax.jit`` (GSPMD reduces globally), with
+      ``pmap``, or when no reduced axis is sharded. Call ``init`` on the
+      global params, outside ``shard_map``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -190,16 +231,18 @@ def splitlbi(
     leaves, treedef = jax.tree.flatten(params)
     pens = treedef.flatten_up_to(pen)
 
+    # zeros_like keeps each parameter's sharding: the state follows the params.
     def zeros(p, pe, keep_unpenalized=False):
       if pe is None and not keep_unpenalized:
         return _MASKED
-      return jnp.zeros(p.shape, dtype_of(p))
+      return jnp.zeros_like(p, dtype_of(p))
 
     def entry0(p, pe):
       if pe is None:
         return _MASKED
-      shape = tuple(1 if a in pe.reduce_axes else n for a, n in enumerate(p.shape))
-      return jnp.full(shape, -1, jnp.int32)
+      # keepdims layout, sharded as p on the group-index axes (the sum is dead code in jit)
+      like = jnp.sum(jnp.zeros_like(p, jnp.int32), axis=pe.reduce_axes, keepdims=True)
+      return jnp.full_like(like, -1)
 
     # Each zeros() call makes its own buffer, so donating the state is safe.
     unflat = treedef.unflatten
@@ -234,12 +277,13 @@ def splitlbi(
     if callable(mask):
       mask = mask(params)
     decay = flat(mask)
+    axes = _group_split_axes(param_specs, params, treedef, pens, p_leaves)
     # β = 0 given as a number: skip the β·W term (one read of W less).
     no_decay = _is_concrete(weight_decay) and not callable(weight_decay) and weight_decay == 0
 
     new_u, new_b, new_v, new_gam, new_ent = [], [], [], [], []
-    for g, w, b, v, gam, ent, pe, dec in zip(
-        g_leaves, p_leaves, b_leaves, v_leaves, gam_leaves, ent_leaves, pens, decay):
+    for g, w, b, v, gam, ent, pe, dec, ax in zip(g_leaves, p_leaves, b_leaves, v_leaves,
+                                                 gam_leaves, ent_leaves, pens, decay, axes):
       ctype = jnp.promote_types(b.dtype, w.dtype)
       gc, wc, bc = g.astype(ctype), w.astype(ctype), b.astype(ctype)
       gt = gc + weight_decay * wc if dec and not no_decay else gc
@@ -248,7 +292,7 @@ def splitlbi(
 
         def coupling_fn(wc, vc, gam, pe=pe, ctype=ctype):
           gc_old = (gam.astype(ctype) if store_gamma
-                    else kappa * prox_lib.prox(vc, pe, lam))
+                    else kappa * prox_lib.prox(vc, pe, lam, ax))
           return (wc - gc_old) / nu  # ∇_W ‖W − Γ‖²/(2ν)
 
         coupling_term = _own_buffer(coupling_fn, count >= 0, wc, vc, gam)
@@ -268,9 +312,9 @@ def splitlbi(
       v_next = vc + alpha * coupling_term  # V' = V − (α/ν)(Γ − W)
       new_v.append(v_next.astype(v.dtype))
       if store_gamma:
-        new_gam.append((kappa * prox_lib.prox(v_next, pe, lam)).astype(gam.dtype))
+        new_gam.append((kappa * prox_lib.prox(v_next, pe, lam, ax)).astype(gam.dtype))
       if record_path:
-        entered = prox_lib.active(v_next, pe, lam) & (ent < 0)
+        entered = prox_lib.active(v_next, pe, lam, ax) & (ent < 0)
         new_ent.append(jnp.where(entered, count + 1, ent).astype(jnp.int32))
 
     unflat = treedef.unflatten

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 import optax_splitlbi as sl
 
 floats = st.floats(-5, 5, allow_nan=False, allow_subnormal=False, width=32)
-lams = st.floats(0, 3, allow_nan=False, width=32)
+lams = st.floats(0, 3, allow_nan=False, allow_subnormal=False, width=32)
 settings.register_profile("ci", max_examples=60, deadline=None)
 settings.load_profile("ci")
 
@@ -37,7 +37,7 @@ def test_group_prox_kkt_per_group(v, lam):
   x = np.asarray(sl.prox(jnp.asarray(v), pen, lam))
   assert np.isfinite(x).all()
   for j in range(v.shape[-1]):
-    vg, xg = v[..., j].astype(np.float64), x[..., j]
+    vg, xg = v[..., j].astype(np.float64), x[..., j].astype(np.float64)
     nx, nv = np.linalg.norm(xg), np.linalg.norm(vg)
     if nx > 0:
       np.testing.assert_allclose(vg - xg, lam * xg / nx, atol=1e-4)

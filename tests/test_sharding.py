@@ -299,3 +299,121 @@ def test_pmap_data_parallel_identical_on_every_device():
   replicated = jax.tree.map(lambda p: np.broadcast_to(p, (n,) + p.shape), init_params())
   split = lambda a: a.reshape((n, -1) + a.shape[1:])
   _assert_all_devices_equal_and_single(*jax.device_get(run(replicated, split(x), split(y))))
+
+
+# --- Needs the issue-5 core patch: state sharding follows the params, and
+# --- splitlbi(..., param_specs=...) for groups split by shard_map.
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_state_sharding_type_init_matches_update(layout):
+  """As optax's sharding_test: jax.typeof of every state leaf (shape, dtype
+  and sharding) is the same after init, after update, and under jit."""
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+  opt = make_opt()
+  specs = _broadcast_specs(LAYOUTS[layout], init_params())
+  with jax.set_mesh(mesh):
+    params = jax.device_put(init_params(), jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+    state0 = opt.init(params)
+    _, state1 = opt.update(params, state0, params)
+    state2 = jax.jit(opt.init)(params)
+    _, state3 = jax.jit(opt.update)(params, state0, params)
+    types = [jax.tree.map(jax.typeof, s) for s in (state0, state1, state2, state3)]
+    for t in types[1:]:
+      assert t == types[0]
+  # The state is laid out like the params: b, V, Γ as the kernel; the path
+  # record (keepdims layout) keeps the kernel's sharding on group-index axes.
+  t = types[0]
+  for name in ("conv", "fc", "out"):
+    want = jax.typeof(params[name]["kernel"]).sharding.spec
+    for tree in (t.momentum, t.v, t.gamma):
+      assert tree[name]["kernel"].sharding.spec == want
+  want = {"fsdp_filter_axis": P(None, None, None, "x"), "replicated": P(None, None, None, None),
+          "sharded_reduced_axis": P(None, None, None, None)}[layout]
+  assert t.entry["conv"]["kernel"].sharding.spec == want
+
+
+def _spec_of(a):
+  return a.sharding.spec if isinstance(a.sharding, NamedSharding) else P()
+
+
+def _split_reduced_axis_run(param_specs):
+  """shard_map: conv kernels split over input channels and fc over inputs,
+  i.e. along the axes their groups REDUCE over; returns per-device state."""
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+  opt = sl.splitlbi(LR, kappa=KAPPA, nu=NU, penalty=PENALTY, record_path=True,
+                    param_specs=param_specs)
+  x, y = batch()
+  specs = _broadcast_specs(LAYOUTS["sharded_reduced_axis"], init_params())
+  params = jax.device_put(init_params(), jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+  state = opt.init(params)  # on the GLOBAL params; the state follows their sharding
+  state_specs = jax.tree.map(_spec_of, state)
+  axis = jax.tree.map(lambda s: s.index("x") if "x" in s else None, specs,
+                      is_leaf=lambda s: isinstance(s, P))
+
+  def gather(params):
+    return jax.tree.map(lambda p, a: p if a is None else
+                        jax.lax.all_gather(p, "x", axis=a, tiled=True), params, axis)
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(specs, state_specs, P("x"), P("x")),
+                     out_specs=(specs, P("x")))
+  def run(params, state, x, y):
+    for _ in range(STEPS):
+      loss = lambda p: jax.lax.pmean(loss_fn(gather(p), x, y), "x")
+      updates, state = opt.update(jax.grad(loss)(params), state, params)
+      params = optax.apply_updates(params, updates)
+    return params, _per_device(state)
+
+  return jax.device_get(run(params, state, x, y))
+
+
+def test_shard_map_split_groups_need_param_specs():
+  """Inside shard_map the library sees local shards only: a group split over
+  devices needs param_specs, which psums the squared group norms."""
+  specs = _broadcast_specs(LAYOUTS["sharded_reduced_axis"], init_params())
+  params, state = _split_reduced_axis_run(specs)
+  ref_params, ref_state = single()
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+  gathered = {}
+  for name, ax in (("conv", 2), ("fc", 0)):
+    for field in ("v", "gamma"):
+      per_dev = np.asarray(getattr(state, field)[name]["kernel"])
+      full = np.concatenate(list(per_dev), axis=ax)
+      np.testing.assert_allclose(full, getattr(ref_state, field)[name]["kernel"],
+                                 rtol=2e-5, atol=2e-6)
+      gathered[(field, name)] = full
+    ent = np.asarray(state.entry[name]["kernel"])  # replicated: identical on all devices
+    for d in range(8):
+      np.testing.assert_array_equal(ent[d], ref_state.entry[name]["kernel"])
+  for name, axes in AXES.items():
+    np.testing.assert_allclose(gathered[("gamma", name)],
+                               np_group_prox(gathered[("v", name)], axes, LAM[name], KAPPA),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_shard_map_split_groups_without_param_specs_use_local_norms():
+  """The control: without param_specs each device shrinks by its shard's norm,
+  and Γ differs from the one-device run (so the test above can fail)."""
+  _, state = _split_reduced_axis_run(None)
+  _, ref_state = single()
+  full = np.concatenate(list(np.asarray(state.gamma["conv"]["kernel"])), axis=2)
+  assert not np.allclose(full, ref_state.gamma["conv"]["kernel"], rtol=1e-3, atol=1e-4)
+
+
+def test_param_specs_errors_are_clear():
+  specs = _broadcast_specs(LAYOUTS["sharded_reduced_axis"], init_params())
+  opt = sl.splitlbi(LR, penalty=PENALTY, param_specs=specs)
+  params = init_params()
+  with pytest.raises(ValueError, match="conv/kernel.*shard_map"):
+    opt.update(params, opt.init(params), params)  # not inside shard_map
+  # init on the local shards (inside shard_map): the group size is wrong.
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(specs,), out_specs=P())
+  def local_init(params):
+    return opt.update(params, opt.init(params), params)[0]["out"]["bias"]
+
+  with pytest.raises(ValueError, match="conv/kernel: a local group has 9 entries, split 8 ways"):
+    local_init(params)
