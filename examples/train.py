@@ -39,7 +39,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,8 +85,7 @@ def make_penalty(config: Config):
   """Per-leaf SplitLBI penalty: group lasso on conv filters + lasso on dense kernels
   (``penalty="group"``, paper Sec. 3), or lasso on both (``"lasso"``, Fig. 5 c-d).
   Biases and BatchNorm scales are not penalized."""
-  conv_lam = config.conv_lam if config.conv_lam is not None else None
-  fc_lam = config.fc_lam if config.fc_lam is not None else None
+  conv_lam, fc_lam = config.conv_lam, config.fc_lam  # None: the optimizer's lam
 
   def spec(path, leaf):
     del path
@@ -227,10 +225,6 @@ def make_eval_step(model, has_bn: bool):
             "count": jnp.sum(m)}
 
   return step
-
-
-def _dict_from_flat(flat: dict[str, np.ndarray]) -> dict:
-  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
 def save_npz(path: str, flat: dict[str, Any]) -> None:
@@ -505,7 +499,7 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
             f"acc {row['train_accuracy']:.2%}  test acc {acc:.2%}")
     if "sparse_test_accuracy" in row:
       line += (f"  sparse acc {row['sparse_test_accuracy']:.2%}  weights kept "
-               f"{row['weight_density']:.1%}  filters kept {row['group_density']:.1%}")
+               f"{row['weight_density']:.1%}  groups kept {row['group_density']:.1%}")
     say(line + f"  ({row['epoch_time_s']:.1f}s)")
     result = dict(row, sparsity=report)
   if ckpt is not None:
