@@ -107,6 +107,11 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
       assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["epoch"], k)
   for x, y in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"])):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  # The leaf-less static parts of the SplitLBI state come back from the abstract target.
+  a, b = slbi.find_state(full["state"].opt_state), slbi.find_state(resumed["state"].opt_state)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  assert b.penalty == a.penalty and b.hyper == a.hyper
+  assert b.penalty["Conv_0"]["kernel"].reduce_axes == (0, 1, 2)
   with np.load(tmp_path / "b" / "norms.npz") as f:
     assert f["gamma/Conv_1/kernel"].shape[0] == 5  # epochs 0..4, no duplicates
 
