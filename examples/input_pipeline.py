@@ -76,16 +76,22 @@ class ArraySource:
 
 
 class RecordSource:
-  """A random-access source of ``{"image", "label"}`` records (``tfds.data_source``)."""
+  """A random-access source of ``{"image", "label"}`` records (``tfds.data_source``).
+
+  Records are read (and JPEGs decoded) by a thread pool, in order.
+  """
 
   def __init__(self, source: Sequence[dict], threads: int = 8):
-    self.source, self.threads = source, threads
+    self.source = source
+    self._pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else None
 
   def __len__(self) -> int:
     return len(self.source)
 
   def get(self, idx: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    records = [self.source[int(i)] for i in idx]
+    keys = [int(i) for i in idx]
+    read = self.source.__getitem__
+    records = list(self._pool.map(read, keys)) if self._pool else [read(k) for k in keys]
     images = [np.asarray(r["image"]) for r in records]
     images = [im[..., None] if im.ndim == 2 else im for im in images]
     return images, np.asarray([int(r["label"]) for r in records], np.int32)
