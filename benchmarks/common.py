@@ -102,11 +102,23 @@ def machine_info() -> dict:
       "devices": [str(d) for d in jax.devices()],
       "device_kind": jax.devices()[0].device_kind,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
   }
 
 
 def peak_rss_bytes() -> int:
-  """Peak resident set size of this process so far (Linux: ru_maxrss in KiB)."""
+  """Peak resident set size of this process so far.
+
+  Linux ``VmHWM`` (reset at exec, unlike ``ru_maxrss``, which a child process
+  inherits from its parent); ``ru_maxrss`` elsewhere.
+  """
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

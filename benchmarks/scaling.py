@@ -72,15 +72,15 @@ def time_trees(trees: dict, rounds: int, opts=("sgd", "splitlbi"), copy_bytes=64
 
 def run(quick: bool = False) -> dict:
   res = {"compile_s": compile_times(("LeNet-5", "ResNet-20", "ResNet-50") if not quick
-                                    else ("LeNet-5", "ResNet-20"))}
+                                    else ("LeNet-5",))}
   print("[scaling] compile:", {a: {o: round(t, 2) for o, t in d.items()}
                                for a, d in res["compile_s"].items()}, flush=True)
-  ls = (4, 16, 64, 256) if quick else (4, 16, 64, 256, 1024)
+  ls = (4, 16, 64) if quick else (4, 16, 64, 256)
   res["leaves"] = time_trees({L: _tree(L, (3, 3, 16, 16)) for L in ls}, 10 if quick else 20)
   print("[scaling] leaves:", [(r["key"], r["opt"], round(r["median"] * 1e3, 3), round(r["compile_s"], 2))
                               for r in res["leaves"]["rows"]], flush=True)
-  cs = (32, 128, 512) if quick else (32, 64, 128, 256, 512, 1024)
-  res["params"] = time_trees({c: _tree(2, (3, 3, c, c)) for c in cs}, 7 if quick else 15,
+  cs = (32, 256) if quick else (32, 128, 512, 1024)
+  res["params"] = time_trees({c: _tree(2, (3, 3, c, c)) for c in cs}, 5 if quick else 11,
                              copy_bytes=64 * 2**20 if quick else 256 * 2**20)
   print("[scaling] params:", [(r["params"], r["opt"], round(r["median"] * 1e3, 3), round(r["x_bound"], 2))
                               for r in res["params"]["rows"]], flush=True)

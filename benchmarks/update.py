@@ -20,8 +20,8 @@ import jax
 from benchmarks import common, optimizers, shapes
 
 OPTS = ("sgd", "splitlbi", "splitlbi_lean", "adamw")
-ROUNDS = {"LeNet-5": 60, "ResNet-20": 40, "ResNet-18": 15, "ResNet-50": 11, "VGG-16": 5}
-QUICK_ROUNDS = {"LeNet-5": 20, "ResNet-20": 15, "ResNet-50": 5}
+ROUNDS = {"LeNet-5": 40, "ResNet-20": 30, "ResNet-18": 9, "ResNet-50": 9, "VGG-16": 5}
+QUICK_ROUNDS = {"LeNet-5": 15, "ResNet-20": 10, "ResNet-50": 4}
 COPY_BYTES = 256 * 2**20
 
 
