@@ -1,7 +1,8 @@
 """Runs every benchmark and writes ``benchmarks/RESULTS.md`` and ``benchmarks/results.json``.
 
-``python -m benchmarks.run_all`` (≈ 10 min on 2 CPU cores) or ``--quick``
-(≈ 3 min; writes ``RESULTS_quick.md`` / ``results_quick.json``). ``--only``
+``python -m benchmarks.run_all`` (5 min on the 2 shared CPU cores, 15 min
+when they are heavily loaded) or ``--quick`` (under 2 min; writes
+``RESULTS_quick.md`` / ``results_quick.json``). ``--only``
 runs some sections. If ``benchmarks/ab_results.json`` exists (written by
 ``python -m benchmarks.compare_transform OLD_transform.py --out ...``) its
 before/after numbers are included.
@@ -194,7 +195,7 @@ def _extras(res: dict, notes_path) -> None:
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true", help="fewer rounds and smaller trees (~3 min)")
+  ap.add_argument("--quick", action="store_true", help="fewer rounds and smaller trees (< 2 min)")
   ap.add_argument("--only", nargs="*", choices=SECTIONS, default=None)
   ap.add_argument("--out", default=None, help="markdown path (default benchmarks/RESULTS[_quick].md)")
   ap.add_argument("--notes", default=None, help="a markdown file appended as 'Notes'")
