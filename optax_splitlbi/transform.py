@@ -291,7 +291,7 @@ def splitlbi(
       if pe is not None:
         vc = v.astype(ctype)
 
-        def coupling_fn(wc, vc, gam, pe=pe, ctype=ctype):
+        def coupling_fn(wc, vc, gam, pe=pe, ctype=ctype, ax=ax):
           gc_old = (gam.astype(ctype) if store_gamma
                     else kappa * prox_lib.prox(vc, pe, lam, ax))
           return (wc - gc_old) / nu  # ∇_W ‖W − Γ‖²/(2ν)
