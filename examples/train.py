@@ -161,15 +161,11 @@ def filter_norms(opt_state: Any, params: Any) -> dict[str, np.ndarray]:
   """Per-group norms ‖Γ_g‖ and ‖W_g‖ of every group-penalized leaf (Fig. 1 path)."""
   state = slbi.find_state(opt_state)
   pens = _flat_like(state.momentum, state.penalty)
-  gam = _flat_like(state.momentum, slbi.gamma(state))
-  w = _flat_like(state.momentum, params)
-  out = {}
-  for name, pe in pens.items():
-    if pe is None or pe.kind != "group":
-      continue
-    out[f"gamma/{name}"] = np.asarray(slbi.group_norms(gam[name], pe.reduce_axes)).ravel()
-    out[f"weight/{name}"] = np.asarray(slbi.group_norms(w[name], pe.reduce_axes)).ravel()
-  return out
+  norms = {kind: _flat_like(state.momentum, slbi.group_norms_tree(tree, state, keepdims=False))
+           for kind, tree in (("gamma", slbi.gamma(state)), ("weight", params))}
+  return {f"{kind}/{name}": np.asarray(norms[kind][name])
+          for name, pe in pens.items() if pe is not None and pe.kind == "group"
+          for kind in ("gamma", "weight")}
 
 
 # --------------------------------------------------------------------- train / eval
@@ -196,15 +192,12 @@ def make_train_step(model, tx: optax.GradientTransformation, has_bn: bool):
       return loss, (logits, new_stats)
 
     (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    apply_mask = lambda t: jax.tree.map(  # noqa: E731
-        lambda x, m: x if m is None else x * m.astype(x.dtype), t, masks,
-        is_leaf=lambda x: x is None)
-    if masks is not None:
-      grads = apply_mask(grads)
+    if masks is not None:  # a fixed subnet: no gradient, no weight outside it
+      grads = slbi.apply_masks(grads, masks)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if masks is not None:
-      params = apply_mask(params)
+      params = slbi.apply_masks(params, masks)
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return TrainState(params, new_stats, opt_state), {"loss": loss, "accuracy": acc}
 
