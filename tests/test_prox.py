@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +16,9 @@ import optax_splitlbi as sl
 
 floats = st.floats(-5, 5, allow_nan=False, allow_subnormal=False, width=32)
 lams = st.floats(0, 3, allow_nan=False, allow_subnormal=False, width=32)
-settings.register_profile("ci", max_examples=60, deadline=None)
-settings.load_profile("ci")
+settings.register_profile("explore", max_examples=2000, deadline=None)
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @given(hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=5), elements=floats), lams)
