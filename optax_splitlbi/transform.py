@@ -277,7 +277,11 @@ def splitlbi(
     mask = weight_decay_mask if weight_decay_mask is not None else _default_weight_decay_mask
     if callable(mask):
       mask = mask(params)
-    decay = flat(mask)
+    try:  # a pytree of bools, or a prefix of one (e.g. {"Dense_0": False, "Conv_0": True})
+      decay = flat(jax.tree.broadcast(mask, params))
+    except (ValueError, TypeError) as e:
+      raise ValueError("splitlbi: weight_decay_mask must be a pytree of bools (or a prefix) "
+                       f"matching the params, or a callable returning one: {e}") from None
     axes = _group_split_axes(param_specs, params, treedef, pens, p_leaves)
     # β = 0 given as a number: skip the β·W term (one read of W less).
     no_decay = _is_concrete(weight_decay) and not callable(weight_decay) and weight_decay == 0

@@ -122,6 +122,8 @@ CASES = {
     "weight_decay_mask": dict(weight_decay=0.05,
                               weight_decay_mask={"conv": {"kernel": False, "bias": True},
                                                  "dense": {"kernel": True, "bias": False}}),
+    "weight_decay_mask_prefix": dict(weight_decay=0.05,
+                                     weight_decay_mask={"conv": False, "dense": True}),
     "coupling_momentum": dict(coupling="momentum"),
     "nesterov_momentum_wd": dict(nesterov=True, coupling="momentum", weight_decay=0.01),
     "kappa2": dict(kappa=2.0, learning_rate=0.05),
@@ -147,7 +149,7 @@ def test_matches_numpy_reference(case):
   wd_mask = NDIM_GT1
   if "weight_decay_mask" in opts:
     m = opts["weight_decay_mask"]
-    wd_mask = {n: m[n[0]][n[1]] for n in NAMES}
+    wd_mask = {n: m[n[0]] if isinstance(m[n[0]], bool) else m[n[0]][n[1]] for n in NAMES}
   ref_hist = np_splitlbi(
       w0, lambda w: {n: coef[n] * (w[n] - target[n]) for n in w}, steps,
       lr=(lambda k: float(lr(k))) if callable(lr) else (lambda k: lr),
@@ -432,6 +434,13 @@ def test_linen_train_state_and_nnx_optimizer():
 # ---------------------------------------------------------------------------
 # Errors and edge cases
 # ---------------------------------------------------------------------------
+
+
+def test_bad_weight_decay_mask_raises():
+  params, grads = _small()
+  tx = sl.splitlbi(0.1, weight_decay=0.1, weight_decay_mask={"conv": True, "nope": False})
+  with pytest.raises(ValueError, match="weight_decay_mask"):
+    tx.update(grads, tx.init(params), params)
 
 
 def test_update_without_params_raises():
