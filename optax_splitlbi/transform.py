@@ -189,7 +189,7 @@ def splitlbi(
     momentum: τ in [0, 1); 0 gives the "Naive" variant.
     nesterov: step along ∇L + β·W + τ·b' (as PyTorch SGD and the lottery code).
     weight_decay: β ≥ 0, added to the gradient before the momentum.
-    weight_decay_mask: pytree of bools (or callable ``params -> bools``)
+    weight_decay_mask: pytree of bools, or a prefix of one (or a callable ``params -> bools``)
       choosing the leaves decayed; default leaves with ndim > 1.
     penalty: per-leaf penalty spec: ``None`` (4-D → filter groups, 2-D →
       lasso, else none), one spec for all leaves, a pytree (prefix) of specs,
