@@ -16,8 +16,8 @@ from optax_splitlbi.penalties import (GroupLasso, Lasso, LeafPenalty, attention_
                                       by_ndim, conv_filters, conv_input_channels,
                                       default_penalty, dense_inputs, dense_neurons, resolve_leaf,
                                       path_str, resolve_penalties)
-from optax_splitlbi.prox import (group_map, group_norms, group_soft_threshold, prox,
-                                 soft_threshold)
+from optax_splitlbi.prox import (group_map, group_norms, group_soft_threshold, penalty_norms,
+                                 prox, soft_threshold)
 from optax_splitlbi.transform import SplitLBIState, StaticHyperparams, splitlbi
 
 __version__ = "0.1.0"
@@ -27,7 +27,7 @@ __all__ = [
     "attention_heads", "by_ndim", "conv_filters", "conv_input_channels",
     "default_penalty", "dense_inputs", "dense_neurons", "find_state", "gamma",
     "group_map", "group_norms", "group_soft_threshold", "map_penalized",
-    "path_str", "prox", "resolve_leaf", "resolve_penalties", "soft_threshold", "sparse_params",
+    "path_str", "penalty_norms", "prox", "resolve_leaf", "resolve_penalties", "soft_threshold", "sparse_params",
     "splitlbi", "support",
     # structural sparsity toolkit (masks, report, path, retrain)
     "MaskedUpdatesState", "apply_masks", "coupling_residue", "entered_by", "entry_steps",

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_splitlbi import masks as masks_lib
-from optax_splitlbi.prox import group_norms
+from optax_splitlbi.prox import penalty_norms
 from optax_splitlbi.penalties import LeafPenalty
 
 _NEVER = jnp.iinfo(jnp.int32).max
@@ -77,10 +77,7 @@ def _tiebreak_norms(pe: LeafPenalty, v, w, lam, tiebreak: str) -> jax.Array:
     scale = jnp.where(t > 0, 1.0 / jnp.where(t > 0, t, 1.0), 1.0)  # t = 0: raw norm
   else:
     x, scale = w, 1.0 / math.sqrt(pe.group_size)
-  x = jnp.asarray(x)
-  n = (jnp.abs(x).astype(jnp.float32) if pe.kind == "lasso"
-       else group_norms(x, pe.reduce_axes))
-  return n * scale
+  return penalty_norms(jnp.asarray(x), pe) * scale
 
 
 def _check_tiebreak(tiebreak: str, params: Any) -> None:

@@ -97,6 +97,13 @@ def group_norms(x: jax.Array, reduce_axes: Sequence[int],
   return group_map(lambda g: _norm(g, axis_name), x, reduce_axes)
 
 
+def penalty_norms(x: jax.Array, penalty: LeafPenalty) -> jax.Array:
+  """‖x_g‖₂ per group of ``penalty`` (keepdims layout); |xᵢ| (float32) for lasso."""
+  if penalty.kind == "lasso":
+    return jnp.abs(x).astype(jnp.float32)
+  return group_norms(x, penalty.reduce_axes)
+
+
 def prox(v: jax.Array, penalty: LeafPenalty, lam, axis_name: Any = None) -> jax.Array:
   """Prox_{λΩ}(v) for one leaf under its resolved penalty.
 

@@ -23,7 +23,7 @@ from jax.tree_util import register_static
 
 from optax_splitlbi import masks as masks_lib
 from optax_splitlbi import retrain as retrain_lib
-from optax_splitlbi.prox import group_norms
+from optax_splitlbi.prox import penalty_norms
 from optax_splitlbi.penalties import LeafPenalty, path_str
 
 @register_static
@@ -179,9 +179,7 @@ def group_norms_tree(tree: Any, opt_state: Any, keepdims: bool = True) -> Any:
   state = masks_lib.find_state(opt_state)
 
   def norms(pe, v, x):
-    x = jnp.asarray(x)
-    n = (jnp.abs(x).astype(jnp.float32) if pe.kind == "lasso"
-         else group_norms(x, pe.reduce_axes))
+    n = penalty_norms(jnp.asarray(x), pe)
     return n if keepdims else n.reshape(-1)
 
   return masks_lib.map_penalized(norms, state, tree)

@@ -85,3 +85,11 @@ def test_group_map_matches_manual_loop():
   assert norms.shape == (1, 4, 1)
   np.testing.assert_allclose(norms.ravel(), np.linalg.norm(np.asarray(x).transpose(1, 0, 2)
                                                            .reshape(4, -1), axis=1), rtol=1e-6)
+
+
+def test_penalty_norms_per_group_and_per_entry():
+  x = jnp.array([[3.0, -1.0], [4.0, 0.0]])
+  groups = np.asarray(sl.penalty_norms(x, sl.resolve_leaf(sl.dense_neurons(), x.shape, "x")))
+  np.testing.assert_allclose(groups, [[5.0, 1.0]])  # ‖column‖₂, keepdims layout
+  entries = np.asarray(sl.penalty_norms(x, sl.resolve_leaf("lasso", x.shape, "x")))
+  np.testing.assert_array_equal(entries, [[3.0, 1.0], [4.0, 0.0]])
