@@ -8,10 +8,14 @@ ratios of medians.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -154,3 +158,20 @@ def memory_analysis(compiled) -> dict | None:
   keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
           "temp_size_in_bytes", "generated_code_size_in_bytes")
   return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
+
+
+# XLA:CPU's multi-output fusion pass (off by default; process-wide, set before JAX starts).
+MOF_FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
+
+
+def run_with_xla_flag(module: str, args: list[str], flag: str = MOF_FLAG) -> dict:
+  """Runs ``python -m benchmarks.<module> *args --json F`` in a fresh process
+  with ``flag`` added to ``XLA_FLAGS``; returns the JSON it wrote to F."""
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flag).strip())
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "out.json")
+    subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--json", path],
+                   env=env, cwd=root, check=True)
+    with open(path) as f:
+      return json.load(f)

@@ -19,7 +19,7 @@ import time
 from benchmarks import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("update", "train", "memory", "scaling")
+SECTIONS = ("update", "train", "memory", "scaling", "fused")
 
 
 def _ms(x):
@@ -28,6 +28,36 @@ def _ms(x):
 
 def _mib(x):
   return f"{x / 2**20:.1f}"
+
+
+def _update_table(upd: dict) -> list[str]:
+  L = []
+  L.append("| tree | params | leaves | optimizer | median ms | IQR ms | MB moved | GB/s | BW frac | × bound | ÷ SGD |")
+  L.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+  for arch, r in upd.items():
+    for name, o in r["opts"].items():
+      L.append(f"| {arch} | {r['params']:,} | {r['leaves']} | {name} | {_ms(o['median'])} | "
+               f"{_ms(o['iqr'])} | {o['bytes'] / 1e6:.1f} | {o['achieved_bandwidth'] / 1e9:.1f} | "
+               f"{o['fraction_of_copy_bandwidth']:.2f} | {o['x_bound']:.2f} | {o['ratio_vs_sgd']:.2f} |")
+  L.append("")
+  L.append("Copy bandwidth measured alongside each tree: " + ", ".join(
+      f"{a} {r['copy_bandwidth'] / 1e9:.1f} GB/s (IQR {_ms(r['copy']['iqr'])} ms on "
+      f"{_ms(r['copy']['median'])} ms)" for a, r in upd.items()) + ".\n")
+  return L
+
+
+def _train_table(train: dict) -> list[str]:
+  L = []
+  L.append("| model | optimizer | median ms | IQR ms | ÷ SGD (medians) | ÷ SGD (paired, IQR) | compile s |")
+  L.append("|---|---|---:|---:|---:|---:|---:|")
+  for label, r in train.items():
+    for name, o in r["opts"].items():
+      pr = o.get("paired_ratio")
+      prs = f"{pr['median']:.3f} ({pr['q1']:.3f}-{pr['q3']:.3f})" if pr else "1"
+      L.append(f"| {label} | {name} | {_ms(o['median'])} | {_ms(o['iqr'])} | "
+               f"{o['ratio_vs_sgd']:.3f} | {prs} | {r['compile_s'][name]:.1f} |")
+  L.append("")
+  return L
 
 
 def render(res: dict) -> str:
@@ -60,31 +90,13 @@ def render(res: dict) -> str:
              "only V; AdamW μ, ν). *Copy BW* = a donated jitted `x + 1` over a 256 MiB array "
              "(read + write bytes), timed interleaved in the same run. *× bound* = median time ÷ "
              "(bytes ÷ copy BW); *BW frac* = its inverse, the achieved fraction of copy bandwidth.\n")
-    L.append("| tree | params | leaves | optimizer | median ms | IQR ms | MB moved | GB/s | BW frac | × bound | ÷ SGD |")
-    L.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for arch, r in res["update"].items():
-      for name, o in r["opts"].items():
-        L.append(f"| {arch} | {r['params']:,} | {r['leaves']} | {name} | {_ms(o['median'])} | "
-                 f"{_ms(o['iqr'])} | {o['bytes'] / 1e6:.1f} | {o['achieved_bandwidth'] / 1e9:.1f} | "
-                 f"{o['fraction_of_copy_bandwidth']:.2f} | {o['x_bound']:.2f} | {o['ratio_vs_sgd']:.2f} |")
-    L.append("")
-    L.append("Copy bandwidth measured alongside each tree: " + ", ".join(
-        f"{a} {r['copy_bandwidth'] / 1e9:.1f} GB/s (IQR {_ms(r['copy']['iqr'])} ms on "
-        f"{_ms(r['copy']['median'])} ms)" for a, r in res["update"].items()) + ".\n")
+    L.extend(_update_table(res["update"]))
   if "train" in res:
     L.append("## Full train step (forward + backward + update), batch 128\n")
     L.append("Models from `examples/models.py` (LeNet-5 on 28×28×1, ResNet-20 on 32×32×3 with "
              "BatchNorm), softmax cross-entropy, params / batch stats / optimizer state donated. "
              "*paired* = median over rounds of (time ÷ SGD time in the same round).\n")
-    L.append("| model | optimizer | median ms | IQR ms | ÷ SGD (medians) | ÷ SGD (paired, IQR) | compile s |")
-    L.append("|---|---|---:|---:|---:|---:|---:|")
-    for label, r in res["train"].items():
-      for name, o in r["opts"].items():
-        pr = o.get("paired_ratio")
-        prs = f"{pr['median']:.3f} ({pr['q1']:.3f}-{pr['q3']:.3f})" if pr else "1"
-        L.append(f"| {label} | {name} | {_ms(o['median'])} | {_ms(o['iqr'])} | "
-                 f"{o['ratio_vs_sgd']:.3f} | {prs} | {r['compile_s'][name]:.1f} |")
-    L.append("")
+    L.extend(_train_table(res["train"]))
   if "memory" in res:
     L.append("## Memory\n")
     L.append("*state/param* = optimizer-state bytes ÷ parameter bytes, counted exactly from the "
@@ -134,6 +146,16 @@ def render(res: dict) -> str:
                f"{_ms(r['iqr'])} | {r['x_bound']:.2f} |")
     L.append(f"\nCopy bandwidth in these runs: leaves {s['leaves']['copy_bandwidth'] / 1e9:.1f} GB/s, "
              f"params {s['params']['copy_bandwidth'] / 1e9:.1f} GB/s.\n")
+  if "fused" in res:
+    f = res["fused"]
+    L.append("## With XLA:CPU multi-output fusion\n")
+    L.append(f"The same update and train-step benchmarks in a fresh process with "
+             f"`XLA_FLAGS={f['flag']}` (off by default in XLA:CPU). With it, "
+             "`splitlbi` traces its fusion-friendly form and each penalized leaf's ΔW, b', V' "
+             "(and Γ' for lasso leaves) become one kernel that reads W, g, b, V, Γ once "
+             "(`tests/test_fusion.py` checks the compiled structure).\n")
+    L.extend(_update_table(f["update"]))
+    L.extend(_train_table(f["train"]))
   if res.get("ab"):
     L.append("## Before / after the performance change in `transform.py`\n")
     L.append("`python -m benchmarks.compare_transform OLD.py` (old = the transform before the "
@@ -165,6 +187,13 @@ def targets(res: dict) -> list[str]:
     out.append(f"- Update within 1.25× of its bandwidth bound on the ResNet-50 tree: "
                f"**{xb:.2f}×** ({'met' if xb <= 1.25 else 'not met'}; SGD-momentum itself is at "
                f"{up['opts']['sgd']['x_bound']:.2f}×, AdamW at {up['opts']['adamw']['x_bound']:.2f}×).")
+  fu = res.get("fused", {}).get("update", {}).get("ResNet-50")
+  if fu:
+    o = fu["opts"]
+    out.append(f"- The same with XLA:CPU multi-output fusion on: **{o['splitlbi']['x_bound']:.2f}×** "
+               f"({'met' if o['splitlbi']['x_bound'] <= 1.25 else 'not met'}; lean "
+               f"{o['splitlbi_lean']['x_bound']:.2f}×, SGD-momentum {o['sgd']['x_bound']:.2f}×, "
+               f"SplitLBI ÷ SGD {o['splitlbi']['ratio_vs_sgd']:.2f}).")
   tr = res.get("train", {}).get("ResNet-20")
   if tr:
     o = tr["opts"]["splitlbi"]
@@ -232,6 +261,11 @@ def main():
   if "scaling" in sections:
     from benchmarks import scaling
     res["scaling"] = scaling.run(a.quick)
+  if "fused" in sections:
+    args = ["--quick"] if a.quick else []
+    res["fused"] = {"flag": common.MOF_FLAG,
+                    "update": common.run_with_xla_flag("update", args),
+                    "train": common.run_with_xla_flag("train_step", args)}
   _extras(res, a.notes)
   res["total_s"] = time.perf_counter() - t0
   res["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

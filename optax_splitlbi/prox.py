@@ -97,6 +97,12 @@ def group_norms(x: jax.Array, reduce_axes: Sequence[int],
   return group_map(lambda g: _norm(g, axis_name), x, reduce_axes)
 
 
+def group_scales(x: jax.Array, reduce_axes: Sequence[int], lam,
+                 axis_name: Any = None) -> jax.Array:
+  """max(0, 1 − λ/‖x_g‖₂) per group (keepdims), so that Prox(x) = scales·x."""
+  return group_map(lambda g: _group_scale(_norm(g, axis_name), lam), x, reduce_axes)
+
+
 def penalty_norms(x: jax.Array, penalty: LeafPenalty) -> jax.Array:
   """‖x_g‖₂ per group of ``penalty`` (keepdims layout); |xᵢ| (float32) for lasso."""
   if penalty.kind == "lasso":

@@ -16,7 +16,9 @@ W' = W − κα·b'. Leaves without a penalty get momentum SGD at step κα.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
 
@@ -109,6 +111,76 @@ def _own_buffer(fn: Callable[..., jax.Array], pred: jax.Array, *args) -> jax.Arr
       pred, *args,
       cpu=lambda p, *a: jax.lax.cond(p, fn, fn, *a),
       default=lambda p, *a: fn(*a))
+
+
+def _cpu_multi_output_fusion() -> bool:
+  """Whether XLA:CPU's multi-output fusion pass is on (read when tracing).
+
+  It is off by default and enabled by
+  ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
+  set before JAX starts; it cannot be set per ``jit``.
+  """
+  return "xla_cpu_use_multi_output_fusion" in os.environ.get("XLA_FLAGS", "")
+
+
+def _fused_penalized_step(g, w, b, v, gam, *, alpha, step, nu, tau, wd, nesterov, coupling,
+                          kappa, lam, penalty, axis_name):
+  r"""The update, b', V', Γ' of a penalized leaf, written for multi-output fusion.
+
+  The same numbers as the line-by-line form of :func:`splitlbi` (to float
+  rounding), with the shared terms (b', W − Γ, Γ) distributed so that the
+  update, b' and V' are expressions of W, g, b, V, Γ with no common
+  intermediate. XLA:CPU's multi-output fusion pass (which never duplicates
+  an intermediate) then makes them one kernel that reads each input once.
+  With s = κα, G = 1 + τ, B = τ² (Nesterov) or G = 1, B = τ, and β' = β
+  where decayed::
+
+      b'  = τ·b + g + β'·W                         (+ (W − Γ)/ν, coupling="momentum")
+      ΔW  = −sG·g − sB·b − (sGβ' + s/ν)·W + (s/ν)·Γ   (outside)
+      ΔW  = −sG·g − sB·b − sG(β' + 1/ν)·W + (sG/ν)·Γ  (momentum)
+      V'  = V + (α/ν)·(W − Γ)
+
+  ``wd`` is β' or ``None`` (no decay term). ``gam=None`` (lean mode): each
+  use of Γ = κ·Prox(V) is its own expression (group: the per-group scale
+  times V; lasso: three exact forms of the soft-threshold). For lasso,
+  Γ' = κ·Prox(V') is elementwise and joins the kernel (from V' written as
+  V − (α/ν)·(Γ − W)); a group prox needs the norms of V' first.
+  """
+  lasso = penalty.kind == "lasso"
+  t = penalty.threshold(lam)
+  if gam is not None:
+    def gamma_times(c, form):  # c·Γ
+      del form
+      return c * gam
+  elif lasso:
+    soft = (lambda x: prox_lib.soft_threshold(x, t),
+            lambda x: x - jnp.clip(x, -t, t),
+            lambda x: jnp.maximum(x - t, 0) + jnp.minimum(x + t, 0))
+
+    def gamma_times(c, form):
+      return (c * kappa) * soft[form](v)
+  else:
+    scales = prox_lib.group_scales(v, penalty.reduce_axes, t, axis_name)
+
+    def gamma_times(c, form):
+      del form
+      return (c * kappa * scales) * v
+
+  big_g, big_b = (1 + tau, tau * tau) if nesterov else (1, tau)
+  beta = 0 if wd is None else wd
+  if coupling == "outside":
+    c_w, c_gam = step * big_g * beta + step / nu, step / nu
+    b_next = tau * b + g if wd is None else tau * b + g + wd * w
+  else:
+    c_w, c_gam = step * big_g * (beta + 1 / nu), step * big_g / nu
+    b_next = tau * b + g + (beta + 1 / nu) * w - gamma_times(1 / nu, 2)
+  update = gamma_times(c_gam, 0) - (step * big_g) * g - (step * big_b) * b - c_w * w
+  v_next = v + (alpha / nu) * (w - (gam if gam is not None else gamma_times(1, 1)))
+  gam_next = None
+  if gam is not None:
+    v_prox = v - (alpha / nu) * (gam - w) if lasso else v_next
+    gam_next = kappa * prox_lib.prox(v_prox, penalty, lam, axis_name)
+  return update, b_next, v_next, gam_next
 
 
 def _is_spec(x: Any) -> bool:
@@ -214,6 +286,10 @@ def splitlbi(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
     and ignores extra keyword arguments.
+
+  On CPU, set ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
+  before JAX starts: the update is then traced in a form (same numbers) whose
+  ΔW, b', V' per leaf XLA:CPU fuses into one kernel (benchmarks/RESULTS.md).
   """
   _check("kappa", kappa, lambda x: x > 0, "> 0")
   _check("nu", nu, lambda x: x > 0, "> 0")
@@ -286,38 +362,68 @@ def splitlbi(
     # β = 0 given as a number: skip the β·W term (one read of W less).
     no_decay = _is_concrete(weight_decay) and not callable(weight_decay) and weight_decay == 0
 
+    # On XLA:CPU with multi-output fusion on: the fusion-friendly form.
+    fused_form = _cpu_multi_output_fusion()
+
     new_u, new_b, new_v, new_gam, new_ent = [], [], [], [], []
     for g, w, b, v, gam, ent, pe, dec, ax in zip(g_leaves, p_leaves, b_leaves, v_leaves,
                                                  gam_leaves, ent_leaves, pens, decay, axes):
       ctype = jnp.promote_types(b.dtype, w.dtype)
       gc, wc, bc = g.astype(ctype), w.astype(ctype), b.astype(ctype)
-      gt = gc + weight_decay * wc if dec and not no_decay else gc
-      if pe is not None:
-        vc = v.astype(ctype)
+      if pe is None:  # momentum SGD at κα
+        gt = gc + weight_decay * wc if dec and not no_decay else gc
+        b_next = momentum * bc + gt
+        direction = gt + momentum * b_next if nesterov else b_next
+        new_u.append((-step * direction).astype(g.dtype))
+        new_b.append(b_next.astype(b.dtype))
+        new_v.append(_MASKED)
+        new_gam.append(_MASKED)
+        new_ent.append(_MASKED)
+        continue
+      vc = v.astype(ctype)
 
-        def coupling_fn(wc, vc, gam, pe=pe, ctype=ctype, ax=ax):
-          gc_old = (gam.astype(ctype) if store_gamma
-                    else kappa * prox_lib.prox(vc, pe, lam, ax))
+      def line_by_line(gc, wc, bc, vc, gam, pe=pe, ctype=ctype, ax=ax, dec=dec):
+        gt = gc + weight_decay * wc if dec and not no_decay else gc
+
+        if not store_gamma and pe.kind != "lasso":  # lean: Γ = κ·(per-group scale)·V
+          gam = kappa * prox_lib.group_scales(vc, pe.reduce_axes, pe.threshold(lam), ax)
+
+        def coupling_fn(wc, vc, gam):
+          if store_gamma:
+            gc_old = gam.astype(ctype)
+          elif pe.kind == "lasso":
+            gc_old = kappa * prox_lib.soft_threshold(vc, pe.threshold(lam))
+          else:
+            gc_old = gam * vc
           return (wc - gc_old) / nu  # ∇_W ‖W − Γ‖²/(2ν)
 
         coupling_term = _own_buffer(coupling_fn, count >= 0, wc, vc, gam)
         if coupling == "momentum":
           gt = gt + coupling_term
-      b_next = momentum * bc + gt
-      direction = gt + momentum * b_next if nesterov else b_next
-      if pe is not None and coupling == "outside":
-        direction = direction + coupling_term
-      new_u.append((-step * direction).astype(g.dtype))
+        b_next = momentum * bc + gt
+        direction = gt + momentum * b_next if nesterov else b_next
+        if coupling == "outside":
+          direction = direction + coupling_term
+        v_next = vc + alpha * coupling_term  # V' = V − (α/ν)(Γ − W)
+        gam_next = kappa * prox_lib.prox(v_next, pe, lam, ax) if store_gamma else None
+        return -step * direction, b_next, v_next, gam_next
+
+      if fused_form:
+        fused = functools.partial(
+            _fused_penalized_step, alpha=alpha, step=step, nu=nu, tau=momentum,
+            wd=weight_decay if dec and not no_decay else None,
+            nesterov=nesterov, coupling=coupling, kappa=kappa, lam=lam, penalty=pe,
+            axis_name=ax)
+        update, b_next, v_next, gam_next = jax.lax.platform_dependent(
+            gc, wc, bc, vc, None if gam is None else gam.astype(ctype),
+            cpu=fused, default=line_by_line)
+      else:
+        update, b_next, v_next, gam_next = line_by_line(gc, wc, bc, vc, gam)
+      new_u.append(update.astype(g.dtype))
       new_b.append(b_next.astype(b.dtype))
-      if pe is None:
-        new_v.append(_MASKED)
-        new_gam.append(_MASKED)
-        new_ent.append(_MASKED)
-        continue
-      v_next = vc + alpha * coupling_term  # V' = V − (α/ν)(Γ − W)
       new_v.append(v_next.astype(v.dtype))
       if store_gamma:
-        new_gam.append((kappa * prox_lib.prox(v_next, pe, lam, ax)).astype(gam.dtype))
+        new_gam.append(gam_next.astype(gam.dtype))
       if record_path:
         entered = prox_lib.active(v_next, pe, lam, ax) & (ent < 0)
         new_ent.append(jnp.where(entered, count + 1, ent).astype(jnp.int32))
