@@ -8,6 +8,7 @@ ratios of medians.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -175,3 +176,18 @@ def run_with_xla_flag(module: str, args: list[str], flag: str = MOF_FLAG) -> dic
                    env=env, cwd=root, check=True)
     with open(path) as f:
       return json.load(f)
+
+
+def cli(run: Callable[[bool], dict]) -> None:
+  """``python -m benchmarks.<module> [--quick] [--json F]``: runs ``run(quick)``
+  and writes its results to F (else prints the start of them)."""
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--json", default=None, help="write the full results here")
+  a = ap.parse_args()
+  out = run(a.quick)
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(out, f, default=float)
+  else:
+    print(json.dumps(out, default=float)[:3000])

@@ -3,9 +3,10 @@
 ``python -m benchmarks.run_all`` (5 min on the 2 shared CPU cores, 15 min
 when they are heavily loaded) or ``--quick`` (under 2 min; writes
 ``RESULTS_quick.md`` / ``results_quick.json``). ``--only``
-runs some sections. If ``benchmarks/ab_results.json`` exists (written by
-``python -m benchmarks.compare_transform OLD_transform.py --out ...``) its
-before/after numbers are included.
+runs some sections. If ``benchmarks/ab_results.json`` exists
+(``{"description": str, "runs": {label: output of python -m
+benchmarks.compare_transform OLD_transform.py --out ...}}``) its before/after
+numbers are included.
 """
 
 from __future__ import annotations
@@ -157,19 +158,22 @@ def render(res: dict) -> str:
     L.extend(_update_table(f["update"]))
     L.extend(_train_table(f["train"]))
   if res.get("ab"):
+    ab = res["ab"]
     L.append("## Before / after the performance change in `transform.py`\n")
-    L.append("`python -m benchmarks.compare_transform OLD.py` (old = the transform before the "
-             "change), interleaved in one process; *max |Δ|* = largest difference of the "
-             "parameters after all timed steps (float rounding only).\n")
-    L.append("| tree | mode | old ms (× bound) | new ms (× bound) | speed-up | max abs Δ params |")
-    L.append("|---|---|---:|---:|---:|---:|")
-    for tree, r in res["ab"].items():
-      for mode, suf in (("default", ""), ("lean", "_lean")):
-        o, n = r["old" + suf], r["new" + suf]
-        L.append(f"| {tree} | {mode} | {_ms(o['median'])} ({o['x_bound']:.2f}) | "
-                 f"{_ms(n['median'])} ({n['x_bound']:.2f}) | {r['speedup' + suf]:.2f}× | "
-                 f"{r['max_abs_diff_params' + suf]:.1e} |")
-    L.append("")
+    L.append(f"{ab['description']} `python -m benchmarks.compare_transform OLD.py`, old and new "
+             "interleaved in one process; *max |Δ|* = largest difference of the parameters "
+             "after all timed steps (float rounding only).\n")
+    for label, runs in ab["runs"].items():
+      L.append(f"{label}:\n")
+      L.append("| tree | mode | old ms (× bound) | new ms (× bound) | speed-up | max abs Δ params |")
+      L.append("|---|---|---:|---:|---:|---:|")
+      for tree, r in runs.items():
+        for mode, suf in (("default", ""), ("lean", "_lean")):
+          o, n = r["old" + suf], r["new" + suf]
+          L.append(f"| {tree} | {mode} | {_ms(o['median'])} ({o['x_bound']:.2f}) | "
+                   f"{_ms(n['median'])} ({n['x_bound']:.2f}) | {r['speedup' + suf]:.2f}× | "
+                   f"{r['max_abs_diff_params' + suf]:.1e} |")
+      L.append("")
   L.append("## Targets\n")
   L.extend(targets(res))
   L.append("")

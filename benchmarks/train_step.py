@@ -10,8 +10,6 @@ Run alone: ``python -m benchmarks.train_step [--quick]``.
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import jax
@@ -103,13 +101,4 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--json", default=None, help="write the full results here")
-  a = ap.parse_args()
-  out = run(a.quick)
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(out, f, default=float)
-  else:
-    print(json.dumps(out, default=float)[:3000])
+  common.cli(run)

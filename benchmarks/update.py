@@ -11,9 +11,7 @@ Run alone: ``python -m benchmarks.update [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 
 import jax
 
@@ -67,13 +65,4 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--json", default=None, help="write the full results here")
-  a = ap.parse_args()
-  out = run(a.quick)
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(out, f, default=float)
-  else:
-    print(json.dumps(out, default=float)[:3000])
+  common.cli(run)
