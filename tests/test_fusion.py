@@ -2,7 +2,9 @@
 
 With ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
 the transform traces its fusion-friendly form (``transform._fused_penalized_step``).
-Its numbers are checked against the NumPy reference in ``test_transform.py``;
+Its numbers are checked against the NumPy reference in ``test_transform.py``
+(and lean / bf16 modes in ``test_memory_modes.py``, via the ``update_form``
+fixture of ``conftest.py``);
 here a fresh process with the flag set checks the compiled structure of a
 donated train-step update (no buffer copies, the update, b', V' and, for
 lasso, Γ' in one multi-output kernel per penalized leaf) and that it agrees

@@ -62,7 +62,7 @@ def _field_bytes(tree):
   return sum(_leaf_bytes(x) for x in jax.tree.leaves(tree))
 
 
-def test_lean_mode_matches_default():
+def test_lean_mode_matches_default(update_form):
   targets = _targets()
   p_def, s_def = _run(osl.splitlbi(LR, KAPPA, NU, LAM), _zeros_like(targets), targets)
   p_lean, s_lean = _run(osl.splitlbi(LR, KAPPA, NU, LAM, store_gamma=False),
@@ -99,7 +99,7 @@ def test_state_bytes_per_param_byte(store_gamma, factor):
   assert total <= factor * (pen_bytes + unpen_bytes) + 4
 
 
-def test_bf16_params_f32_state_same_support_as_f32():
+def test_bf16_params_f32_state_same_support_as_f32(update_form):
   targets = _targets()
   p32, s32 = _run(osl.splitlbi(LR, KAPPA, NU, LAM), _zeros_like(targets), targets)
   p16, s16 = _run(osl.splitlbi(LR, KAPPA, NU, LAM, state_dtype=jnp.float32),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -134,17 +133,9 @@ CASES = {
 }
 
 
-MOF_FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
-
-
 @pytest.mark.parametrize("store_gamma", [True, False], ids=["stored", "lean"])
-@pytest.mark.parametrize("form", ["line_by_line", "fused"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_numpy_reference(case, form, store_gamma, monkeypatch):
-  # "fused": the form traced when XLA:CPU's multi-output fusion flag is set
-  # (read at trace time; this process's XLA has already started without it).
-  flags = os.environ.get("XLA_FLAGS", "").replace(MOF_FLAG, "")
-  monkeypatch.setenv("XLA_FLAGS", f"{flags} {MOF_FLAG}" if form == "fused" else flags)
+def test_matches_numpy_reference(case, store_gamma, update_form):
   opts = dict(learning_rate=0.1, kappa=1.0, nu=2.0, lam=0.5, momentum=0.9)
   opts.update(CASES[case])
   steps = 25
