@@ -123,6 +123,22 @@ def _cpu_multi_output_fusion() -> bool:
   return "xla_cpu_use_multi_output_fusion" in os.environ.get("XLA_FLAGS", "")
 
 
+def _momentum_coefficients(tau, nesterov: bool):
+  """(G, B) with direction = G·g̃ + B·b: b' = τ·b + g̃, Nesterov g̃ + τ·b'."""
+  return (1 + tau, tau * tau) if nesterov else (1, tau)
+
+
+def _fused_momentum_step(g, w, b, *, step, tau, wd, nesterov):
+  """ΔW = −sG·g − sB·b − sGβ'·W and b' = τ·b + g + β'·W of an unpenalized
+  leaf: no common intermediate, one kernel under multi-output fusion (see
+  :func:`_fused_penalized_step`)."""
+  big_g, big_b = _momentum_coefficients(tau, nesterov)
+  update = -(step * big_g) * g - (step * big_b) * b
+  if wd is None:
+    return update, tau * b + g
+  return update - (step * big_g * wd) * w, tau * b + g + wd * w
+
+
 def _fused_penalized_step(g, w, b, v, gam, *, alpha, step, nu, tau, wd, nesterov, coupling,
                           kappa, lam, penalty, axis_name):
   r"""The update, b', V', Γ' of a penalized leaf, written for multi-output fusion.
@@ -166,7 +182,7 @@ def _fused_penalized_step(g, w, b, v, gam, *, alpha, step, nu, tau, wd, nesterov
       del form
       return (c * kappa * scales) * v
 
-  big_g, big_b = (1 + tau, tau * tau) if nesterov else (1, tau)
+  big_g, big_b = _momentum_coefficients(tau, nesterov)
   beta = 0 if wd is None else wd
   if coupling == "outside":
     c_w, c_gam = step * big_g * beta + step / nu, step / nu
@@ -371,10 +387,22 @@ def splitlbi(
       ctype = jnp.promote_types(b.dtype, w.dtype)
       gc, wc, bc = g.astype(ctype), w.astype(ctype), b.astype(ctype)
       if pe is None:  # momentum SGD at κα
-        gt = gc + weight_decay * wc if dec and not no_decay else gc
-        b_next = momentum * bc + gt
-        direction = gt + momentum * b_next if nesterov else b_next
-        new_u.append((-step * direction).astype(g.dtype))
+
+        def sgd_line_by_line(gc, wc, bc, dec=dec):
+          gt = gc + weight_decay * wc if dec and not no_decay else gc
+          b_next = momentum * bc + gt
+          direction = gt + momentum * b_next if nesterov else b_next
+          return -step * direction, b_next
+
+        if fused_form:
+          fused = functools.partial(
+              _fused_momentum_step, step=step, tau=momentum, nesterov=nesterov,
+              wd=weight_decay if dec and not no_decay else None)
+          update, b_next = jax.lax.platform_dependent(
+              gc, wc, bc, cpu=fused, default=sgd_line_by_line)
+        else:
+          update, b_next = sgd_line_by_line(gc, wc, bc)
+        new_u.append(update.astype(g.dtype))
         new_b.append(b_next.astype(b.dtype))
         new_v.append(_MASKED)
         new_gam.append(_MASKED)

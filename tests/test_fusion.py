@@ -6,8 +6,8 @@ Its numbers are checked against the NumPy reference in ``test_transform.py``
 (and lean / bf16 modes in ``test_memory_modes.py``, via the ``update_form``
 fixture of ``conftest.py``);
 here a fresh process with the flag set checks the compiled structure of a
-donated train-step update (no buffer copies, the update, b', V' and, for
-lasso, Γ' in one multi-output kernel per penalized leaf) and that it agrees
+donated train-step update (no buffer copies; per leaf one multi-output kernel
+writing the update, b' and, where penalized, V' and, for lasso, Γ') and that it agrees
 with the line-by-line form compiled in the same process.
 """
 
@@ -89,9 +89,9 @@ def test_one_kernel_per_penalized_leaf_under_the_flag(mode):
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   # Donated params and state are updated in place: no buffer is copied.
   assert out["copies"] == 0, out
-  # One kernel per penalized leaf: conv (group) writes ΔW, b', V' (Γ' needs
-  # the norms of V' first); dense (lasso) also writes Γ' when it is stored.
-  assert out["mof_outputs"] == ([3, 4] if mode == "stored" else [3, 3]), out
+  # One kernel per leaf: the bias (momentum SGD) writes ΔW, b'; conv (group)
+  # ΔW, b', V' (Γ' needs the norms of V' first); dense (lasso) also Γ' when stored.
+  assert out["mof_outputs"] == ([2, 3, 4] if mode == "stored" else [2, 3, 3]), out
   # Same numbers as the line-by-line form (30 steps; values are O(1)).
   assert out["max_abs"] > 0.1
   assert out["max_abs_diff"] < 1e-5, out
