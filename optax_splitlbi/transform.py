@@ -413,19 +413,22 @@ def splitlbi(
       def line_by_line(gc, wc, bc, vc, gam, pe=pe, ctype=ctype, ax=ax, dec=dec):
         gt = gc + weight_decay * wc if dec and not no_decay else gc
 
-        if not store_gamma and pe.kind != "lasso":  # lean: Γ = κ·(per-group scale)·V
-          gam = kappa * prox_lib.group_scales(vc, pe.reduce_axes, pe.threshold(lam), ax)
+        # Lean, groups: Γ = κ·scale_g·V, the per-group scales reduced outside
+        # the conditional (inside it the scaling ran on one thread).
+        lean_group = not store_gamma and pe.kind != "lasso"
+        gam_or_scales = (kappa * prox_lib.group_scales(vc, pe.reduce_axes, pe.threshold(lam), ax)
+                         if lean_group else gam)
 
-        def coupling_fn(wc, vc, gam):
+        def coupling_fn(wc, vc, gam_or_scales):
           if store_gamma:
-            gc_old = gam.astype(ctype)
-          elif pe.kind == "lasso":
-            gc_old = kappa * prox_lib.soft_threshold(vc, pe.threshold(lam))
+            gc_old = gam_or_scales.astype(ctype)
+          elif lean_group:
+            gc_old = gam_or_scales * vc
           else:
-            gc_old = gam * vc
+            gc_old = kappa * prox_lib.soft_threshold(vc, pe.threshold(lam))
           return (wc - gc_old) / nu  # ∇_W ‖W − Γ‖²/(2ν)
 
-        coupling_term = _own_buffer(coupling_fn, count >= 0, wc, vc, gam)
+        coupling_term = _own_buffer(coupling_fn, count >= 0, wc, vc, gam_or_scales)
         if coupling == "momentum":
           gt = gt + coupling_term
         b_next = momentum * bc + gt
