@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import optax_splitlbi as sl
+from optax_splitlbi.prox import group_scales
 
 floats = st.floats(-5, 5, allow_nan=False, allow_subnormal=False, width=32)
 lams = st.floats(0, 3, allow_nan=False, allow_subnormal=False, width=32)
@@ -93,3 +94,14 @@ def test_penalty_norms_per_group_and_per_entry():
   np.testing.assert_allclose(groups, [[5.0, 1.0]])  # ‖column‖₂, keepdims layout
   entries = np.asarray(sl.penalty_norms(x, sl.resolve_leaf("lasso", x.shape, "x")))
   np.testing.assert_array_equal(entries, [[3.0, 1.0], [4.0, 0.0]])
+
+
+def test_group_scales_hand_values():
+  # Filters (last axis) with norms 5, 0.5, 0 and 2, λ = 1: max(0, 1 − λ/‖v_g‖).
+  v = np.zeros((2, 1, 1, 4), np.float32)
+  v[:, 0, 0, 0], v[:, 0, 0, 1], v[:, 0, 0, 3] = [3.0, 4.0], [0.3, 0.4], [0.0, 2.0]
+  scales = np.asarray(group_scales(jnp.asarray(v), (0, 1, 2), 1.0))
+  assert scales.shape == (1, 1, 1, 4)
+  np.testing.assert_allclose(scales[0, 0, 0], [0.8, 0.0, 0.0, 0.5], rtol=1e-6)
+  # λ = 0 is the identity, zero groups included.
+  np.testing.assert_array_equal(group_scales(jnp.asarray(v), (0, 1, 2), 0.0), 1.0)
