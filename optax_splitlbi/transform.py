@@ -381,23 +381,26 @@ def splitlbi(
     # On XLA:CPU with multi-output fusion on: the fusion-friendly form.
     fused_form = _cpu_multi_output_fusion()
 
+    def momentum_step(b, g_tilde):
+      """b' = τ·b + g̃ and the step direction (Nesterov: g̃ + τ·b')."""
+      b_next = momentum * b + g_tilde
+      return b_next, (g_tilde + momentum * b_next if nesterov else b_next)
+
     new_u, new_b, new_v, new_gam, new_ent = [], [], [], [], []
     for g, w, b, v, gam, ent, pe, dec, ax in zip(g_leaves, p_leaves, b_leaves, v_leaves,
                                                  gam_leaves, ent_leaves, pens, decay, axes):
       ctype = jnp.promote_types(b.dtype, w.dtype)
       gc, wc, bc = g.astype(ctype), w.astype(ctype), b.astype(ctype)
+      wd = weight_decay if dec and not no_decay else None  # β on this leaf, None: no term
       if pe is None:  # momentum SGD at κα
 
-        def sgd_line_by_line(gc, wc, bc, dec=dec):
-          gt = gc + weight_decay * wc if dec and not no_decay else gc
-          b_next = momentum * bc + gt
-          direction = gt + momentum * b_next if nesterov else b_next
+        def sgd_line_by_line(gc, wc, bc, wd=wd):
+          b_next, direction = momentum_step(bc, gc if wd is None else gc + wd * wc)
           return -step * direction, b_next
 
         if fused_form:
           fused = functools.partial(
-              _fused_momentum_step, step=step, tau=momentum, nesterov=nesterov,
-              wd=weight_decay if dec and not no_decay else None)
+              _fused_momentum_step, step=step, tau=momentum, nesterov=nesterov, wd=wd)
           update, b_next = jax.lax.platform_dependent(
               gc, wc, bc, cpu=fused, default=sgd_line_by_line)
         else:
@@ -410,8 +413,8 @@ def splitlbi(
         continue
       vc = v.astype(ctype)
 
-      def line_by_line(gc, wc, bc, vc, gam, pe=pe, ctype=ctype, ax=ax, dec=dec):
-        gt = gc + weight_decay * wc if dec and not no_decay else gc
+      def line_by_line(gc, wc, bc, vc, gam, pe=pe, ctype=ctype, ax=ax, wd=wd):
+        gt = gc if wd is None else gc + wd * wc
 
         # Lean, groups: Γ = κ·scale_g·V, the per-group scales reduced outside
         # the conditional (inside it the scaling ran on one thread).
@@ -431,8 +434,7 @@ def splitlbi(
         coupling_term = _own_buffer(coupling_fn, count >= 0, wc, vc, gam_or_scales)
         if coupling == "momentum":
           gt = gt + coupling_term
-        b_next = momentum * bc + gt
-        direction = gt + momentum * b_next if nesterov else b_next
+        b_next, direction = momentum_step(bc, gt)
         if coupling == "outside":
           direction = direction + coupling_term
         v_next = vc + alpha * coupling_term  # V' = V − (α/ν)(Γ − W)
@@ -441,8 +443,7 @@ def splitlbi(
 
       if fused_form:
         fused = functools.partial(
-            _fused_penalized_step, alpha=alpha, step=step, nu=nu, tau=momentum,
-            wd=weight_decay if dec and not no_decay else None,
+            _fused_penalized_step, alpha=alpha, step=step, nu=nu, tau=momentum, wd=wd,
             nesterov=nesterov, coupling=coupling, kappa=kappa, lam=lam, penalty=pe,
             axis_name=ax)
         update, b_next, v_next, gam_next = jax.lax.platform_dependent(
