@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import optax_splitlbi as osl
+from optax_splitlbi.penalties import resolve_penalties
 
 LR = 0.1
 
@@ -48,7 +49,7 @@ def bytes_moved(name: str, params, state_dtype=None) -> int:
   """Compulsory bytes of one update + apply_updates of ``name`` on ``params``."""
   pens = None
   if name.startswith("splitlbi"):
-    pen_tree = osl.resolve_penalties(None, params)
+    pen_tree = resolve_penalties(None, params)
     pens = jax.tree.structure(params).flatten_up_to(pen_tree)
   total = 0
   for i, x in enumerate(jax.tree.leaves(params)):

@@ -46,6 +46,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optax_splitlbi as slbi
+from optax_splitlbi.penalties import path_str
 from examples import configs as configs_lib
 from examples import input_pipeline, models
 from examples.configs.base import Config
@@ -128,14 +129,14 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransf
 def _flat(tree: Any) -> dict[str, Any]:
   """``{"Conv_0/kernel": leaf}`` for a (params-structured) tree; ``None`` leaves kept."""
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
-  return {slbi.path_str(p): v for p, v in leaves}
+  return {path_str(p): v for p, v in leaves}
 
 
 def _flat_like(structure: Any, tree: Any) -> dict[str, Any]:
   """``tree`` (params-structured, may hold static / ``None`` leaves) keyed by the
   paths of ``structure`` (e.g. the momentum buffers, which have every leaf)."""
   paths, treedef = jax.tree_util.tree_flatten_with_path(structure)
-  return {slbi.path_str(p): v for (p, _), v in zip(paths, treedef.flatten_up_to(tree))}
+  return {path_str(p): v for (p, _), v in zip(paths, treedef.flatten_up_to(tree))}
 
 
 sparsity_report = slbi.sparsity_report
@@ -242,7 +243,7 @@ def load_masks(path: str, params: Any) -> Any:
     if m.shape != flat[k].shape:
       raise ValueError(f"mask_from: mask {k!r} has shape {m.shape}, parameter {flat[k].shape}.")
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  return treedef.unflatten([stored.get(slbi.path_str(p)) for p, _ in leaves])
+  return treedef.unflatten([stored.get(path_str(p)) for p, _ in leaves])
 
 
 def load_snapshot(path: str, params: Any, batch_stats: Any) -> tuple[Any, Any]:
@@ -257,7 +258,7 @@ def load_snapshot(path: str, params: Any, batch_stats: Any) -> tuple[Any, Any]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     new = []
     for p, x in leaves:
-      key = f"{prefix}/{slbi.path_str(p)}"
+      key = f"{prefix}/{path_str(p)}"
       if key not in stored or stored[key].shape != x.shape:
         raise ValueError(f"init_from: {path!r} lacks {key!r} with shape {x.shape}.")
       new.append(jnp.asarray(stored[key], x.dtype))

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_splitlbi.prox import group_norms, prox
+from optax_splitlbi.prox import group_norms
 from optax_splitlbi.penalties import LeafPenalty, path_str
-from optax_splitlbi.transform import SplitLBIState
+from optax_splitlbi.transform import SplitLBIState, recompute_gamma
 
 _INJECT_STATES = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
 
@@ -51,20 +51,13 @@ def find_state(opt_state: Any) -> SplitLBIState:
   return found[0]
 
 
-def hyperparams(opt_state: Any) -> dict[str, Any]:
-  """The current numeric hyperparameters of the SplitLBI inside ``opt_state``.
+def injected_hyperparams(opt_state: Any) -> dict[str, Any]:
+  """The hyperparameters of the ``optax.inject_hyperparams`` states wrapping the SplitLBI.
 
-  With ``optax.inject_hyperparams(splitlbi)`` these are the values in the
-  innermost ``hyperparams`` dict wrapping the SplitLBI state (the values the
-  last update used, e.g. a scheduled or hand-edited ``lam``); otherwise the
-  static κ and λ recorded at ``init`` (entries whose value was traced there
-  are left out).
-
-  Returns:
-    A dict with some of ``"kappa"``, ``"lam"``, ``"nu"``, ``"learning_rate"``, ...
+  Innermost values win; ``{}`` when there is no such wrapper.
   """
   state = find_state(opt_state)
-  out = {k: v for k, v in state.hyper._asdict().items() if v is not None}
+  out: dict[str, Any] = {}
   node = opt_state
   while True:
     injects = [x for x in jax.tree.leaves(node, is_leaf=_is_inject) if _is_inject(x)]
@@ -122,26 +115,23 @@ def penalized_leaves(opt_state: Any) -> list[tuple[str, int, LeafPenalty, tuple[
           for i, ((p, x), pe) in enumerate(zip(with_path, pens)) if pe is not None]
 
 
+def thresholds(opt_state: Any) -> Any:
+  """The prox threshold t of every penalized leaf (float32 scalars), ``None`` elsewhere."""
+  state = find_state(opt_state)
+  it = iter(state.threshold)
+  return map_penalized(lambda pe, v: next(it), state)
+
+
 def gamma(opt_state: Any) -> Any:
   """Γ of every penalized leaf (``None`` elsewhere).
 
   Reads ``state.gamma``, or, for a state made with ``store_gamma=False``,
-  recomputes Γ = κ·Prox_{λΩ}(V) (paper eq. 4c) with the current κ, λ of
-  :func:`hyperparams`.
-
-  Raises:
-    ValueError: if Γ is not stored and κ or λ is unknown (traced at init and
-      not held by an ``inject_hyperparams`` state).
+  recomputes Γ = κ·Prox_t(V) (paper eq. 4c) with the κ and thresholds t of the
+  last update, which the state holds: the Γ that update used.
   """
   state = find_state(opt_state)
-  if state.gamma is not None:
-    return map_penalized(lambda pe, v, g: g, state, state.gamma)
-  hp = hyperparams(opt_state)
-  if "kappa" not in hp or "lam" not in hp:
-    raise ValueError("gamma: this state was made with store_gamma=False and traced "
-                     "kappa/lam, so Γ cannot be recomputed; use store_gamma=True.")
-  kappa, lam = hp["kappa"], hp["lam"]
-  return map_penalized(lambda pe, v: kappa * prox(v, pe, lam), state)
+  stored = state.gamma if state.gamma is not None else recompute_gamma(state)
+  return map_penalized(lambda pe, v, g: g, state, stored)
 
 
 def _group_nonzero(pe: LeafPenalty, g: jax.Array) -> jax.Array:

@@ -70,10 +70,10 @@ def entered_by(opt_state: Any, step) -> Any:
       lambda pe, v, e: jnp.broadcast_to((e >= 0) & (e <= step), v.shape), state, ent)
 
 
-def _tiebreak_norms(pe: LeafPenalty, v, w, lam, tiebreak: str) -> jax.Array:
+def _tiebreak_norms(pe: LeafPenalty, v, w, t, tiebreak: str) -> jax.Array:
   """Keepdims-layout secondary key (larger = more important)."""
   if tiebreak == "v":
-    x, t = v, pe.threshold(lam)
+    x = v
     scale = jnp.where(t > 0, 1.0 / jnp.where(t > 0, t, 1.0), 1.0)  # t = 0: raw norm
   else:
     x, scale = w, 1.0 / math.sqrt(pe.group_size)
@@ -90,13 +90,10 @@ def _check_tiebreak(tiebreak: str, params: Any) -> None:
 def _keys(opt_state, params, tiebreak):
   """Per penalized leaf trees: primary int32 key (entry step), secondary float key."""
   state = masks_lib.find_state(opt_state)
-  lam = masks_lib.hyperparams(opt_state).get("lam")
-  if tiebreak == "v" and lam is None and any(
-      pe.lam is None for _, _, pe, _ in masks_lib.penalized_leaves(state)):
-    lam = 1.0  # λ unknown (traced at init): a common scale for all leaves
   w_tree = params if params is not None else state.v
   norms = masks_lib.map_penalized(
-      lambda pe, v, w: _tiebreak_norms(pe, v, w, lam, tiebreak), state, w_tree)
+      lambda pe, v, w, t: _tiebreak_norms(pe, v, w, t, tiebreak), state, w_tree,
+      masks_lib.thresholds(state))
   if state.entry is None:
     primary = masks_lib.map_penalized(
         lambda pe, v, n: jnp.zeros(n.shape, jnp.int32), state, norms)

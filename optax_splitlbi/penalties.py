@@ -125,26 +125,40 @@ class _KeepAxis:
 @register_static
 @dataclasses.dataclass(frozen=True)
 class LeafPenalty:
-  """A penalty resolved against one leaf's shape (stored, leaf-less, in the state).
+  """How a penalized leaf's entries form groups: static, stored in the state.
+
+  It holds no hyperparameter values (the thresholds are arrays in the state),
+  so the state's tree structure depends only on the params and this layout.
 
   Attributes:
-    kind: ``"lasso"`` or ``"group"``.
+    kind: ``"lasso"`` (every entry its own group) or ``"group"``.
     reduce_axes: non-negative axes reduced inside a group (``()`` for lasso).
-    lam: per-leaf λ, or ``None`` for the optimizer's global ``lam``.
-    normalized: the threshold is λ·√d.
     group_size: d, the number of entries in one group (1 for lasso).
   """
 
   kind: str
   reduce_axes: tuple[int, ...] = ()
-  lam: float | None = None
-  normalized: bool = False
   group_size: int = 1
 
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedPenalty:
+  """A spec resolved against one leaf: its group layout and threshold rule.
+
+  Attributes:
+    layout: the leaf's :class:`LeafPenalty`.
+    lam: per-leaf λ, or ``None`` for the optimizer's ``lam``.
+    normalized: the threshold is λ·√d.
+  """
+
+  layout: LeafPenalty
+  lam: float | None = None
+  normalized: bool = False
+
   def threshold(self, global_lam):
-    """The prox threshold t for this leaf: λ (or λ·√d when normalized)."""
+    """The prox threshold t of this leaf: λ, or λ·√d when normalized."""
     lam = global_lam if self.lam is None else self.lam
-    return lam * math.sqrt(self.group_size) if self.normalized else lam
+    return lam * math.sqrt(self.layout.group_size) if self.normalized else lam
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -187,7 +201,7 @@ def by_ndim(rules: Mapping[int, PenaltySpec]) -> PenaltyFn:
   return rule
 
 
-def resolve_leaf(spec: PenaltySpec, shape: tuple[int, ...], name: str) -> LeafPenalty | None:
+def resolve_leaf(spec: PenaltySpec, shape: tuple[int, ...], name: str) -> ResolvedPenalty | None:
   """Resolves one leaf spec against the leaf's shape, validating it.
 
   Raises:
@@ -205,7 +219,7 @@ def resolve_leaf(spec: PenaltySpec, shape: tuple[int, ...], name: str) -> LeafPe
       raise ValueError(f"Leaf {name!r}: unknown penalty {spec!r}; "
                        "use 'lasso', 'group', None, Lasso(...) or GroupLasso(...).")
   if isinstance(spec, Lasso):
-    return LeafPenalty("lasso", (), spec.lam, False, 1)
+    return ResolvedPenalty(LeafPenalty("lasso"), spec.lam)
   if isinstance(spec, _KeepAxis):
     if not -ndim <= spec.keep_axis < ndim:
       raise ValueError(f"Leaf {name!r} of shape {shape}: head axis {spec.keep_axis} "
@@ -227,7 +241,7 @@ def resolve_leaf(spec: PenaltySpec, shape: tuple[int, ...], name: str) -> LeafPe
                            f"of range for ndim {ndim}.")
       axes = tuple(sorted({a % ndim for a in spec.reduce_axes}))
     size = math.prod(shape[a] for a in axes)
-    return LeafPenalty("group", axes, spec.lam, spec.normalized, int(size))
+    return ResolvedPenalty(LeafPenalty("group", axes, int(size)), spec.lam, spec.normalized)
   raise ValueError(f"Leaf {name!r}: invalid penalty spec {spec!r}.")
 
 
@@ -246,7 +260,7 @@ def resolve_penalties(penalty: Any, params: Any) -> Any:
 
   Returns:
     A pytree with the structure of ``params`` whose leaves are
-    :class:`LeafPenalty` or ``None`` (not penalized). It has no array leaves.
+    :class:`ResolvedPenalty` or ``None`` (not penalized). It has no array leaves.
   """
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   if penalty is None:

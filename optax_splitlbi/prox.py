@@ -12,6 +12,7 @@ The per-group operator is written once, on a single group, and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -110,25 +111,47 @@ def penalty_norms(x: jax.Array, penalty: LeafPenalty) -> jax.Array:
   return group_norms(x, penalty.reduce_axes)
 
 
-def prox(v: jax.Array, penalty: LeafPenalty, lam, axis_name: Any = None) -> jax.Array:
-  """Prox_{λΩ}(v) for one leaf under its resolved penalty.
+def prox(v: jax.Array, penalty: LeafPenalty, threshold, axis_name: Any = None) -> jax.Array:
+  """Prox_{tΩ}(v) of one leaf under its penalty layout (paper eqs. 4c, 5).
 
   Args:
     v: the leaf's V.
-    penalty: the leaf's resolved :class:`LeafPenalty`.
-    lam: the optimizer's global λ (used unless the penalty sets its own).
+    penalty: the leaf's :class:`LeafPenalty` (lasso or group layout).
+    threshold: t, the leaf's threshold (λ, or λ·√d for a normalized group).
     axis_name: the mesh axes that split this leaf's groups inside
       ``shard_map`` (see :func:`group_soft_threshold`); ``None`` otherwise.
   """
-  t = penalty.threshold(lam)
   if penalty.kind == "lasso":
-    return soft_threshold(v, t)
-  return group_map(lambda g: group_soft_threshold(g, t, axis_name), v, penalty.reduce_axes)
+    return soft_threshold(v, threshold)
+  return group_map(lambda g: group_soft_threshold(g, threshold, axis_name), v,
+                   penalty.reduce_axes)
 
 
-def active(v: jax.Array, penalty: LeafPenalty, lam, axis_name: Any = None) -> jax.Array:
-  """Which groups (keepdims layout) or entries of Prox(v) are nonzero."""
-  t = penalty.threshold(lam)
+def active(v: jax.Array, penalty: LeafPenalty, threshold, axis_name: Any = None) -> jax.Array:
+  """Which groups (keepdims layout) or entries of Prox_t(v) are nonzero: ‖v_g‖ > t."""
   if penalty.kind == "lasso":
-    return jnp.abs(v) > t
-  return group_norms(v, penalty.reduce_axes, axis_name) > t
+    return jnp.abs(v) > threshold
+  return group_norms(v, penalty.reduce_axes, axis_name) > threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafProx:
+  """Prox_{tΩ} of one leaf as a function of V (``LeafProx(penalty, t)(v)``).
+
+  Attributes:
+    penalty: the leaf's :class:`LeafPenalty`.
+    threshold: t.
+    axis_name: mesh axes splitting the leaf's groups inside ``shard_map``.
+  """
+
+  penalty: LeafPenalty
+  threshold: Any
+  axis_name: Any = None
+
+  def __call__(self, v: jax.Array) -> jax.Array:
+    return prox(v, self.penalty, self.threshold, self.axis_name)
+
+  @property
+  def elementwise(self) -> bool:
+    """Whether the prox acts entry by entry (lasso), needing no group norms."""
+    return self.penalty.kind == "lasso"

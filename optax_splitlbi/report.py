@@ -204,7 +204,7 @@ def coupling_residue(params: Any, opt_state: Any, nu: Optional[float] = None) ->
     ValueError: if ``nu`` is not given and cannot be found.
   """
   if nu is None:
-    nu = masks_lib.hyperparams(opt_state).get("nu")
+    nu = masks_lib.injected_hyperparams(opt_state).get("nu")
     if nu is None:
       raise ValueError("coupling_residue: pass nu= (it is only stored in the state by "
                        "optax.inject_hyperparams).")

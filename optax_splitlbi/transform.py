@@ -1,33 +1,35 @@
 """The SplitLBI gradient transformation (paper eqs. 4, 12-14; official DessiLBI code).
 
-With loss L̄(W, Γ) = L(W) + ‖W − Γ‖²/(2ν), learning rate α, damping κ,
-momentum τ and weight decay β, each step of a penalized leaf is::
+SplitLBI minimizes L̄(W, Γ) = L(W) + ‖W − Γ‖²/(2ν) by gradient descent in W and
+mirror descent in Γ. With learning rate α, damping κ, momentum τ and weight
+decay β, from V₀ = Γ₀ = b₀ = 0, one step of a penalized leaf is
+(:func:`penalized_leaf_step`)::
 
-    g̃  = ∇L(W) + β·W                               (β where weight_decay_mask)
-    b' = τ·b + g̃                                     (momentum on the loss gradient)
-    W' = W − κα·b' − (κα/ν)·(W − Γ)                  (coupling outside the momentum)
-    V' = V − (α/ν)·(Γ − W)                           (old W, old Γ)
+    g̃  = ∇L(W) + β·W                        weight decay
+    b' = τ·b + g̃                             momentum on the loss gradient
+    W' = W − κα·b' − (κα/ν)·(W − Γ)           coupling outside the momentum
+    V' = V − (α/ν)·(Γ − W)                    old W, old Γ
     Γ' = κ·Prox_{λΩ}(V')
 
-from V₀ = Γ₀ = b₀ = 0. Options: ``nesterov`` steps along g̃ + τ·b' instead of
-b'; ``coupling="momentum"`` is paper eq. 12, b' = τ·b + g̃ + (W − Γ)/ν and
-W' = W − κα·b'. Leaves without a penalty get momentum SGD at step κα.
+``nesterov`` steps along g̃ + τ·b' instead of b'; ``coupling="momentum"`` is
+paper eq. 12, where the coupling gradient (W − Γ)/ν joins g̃ before the
+momentum. Leaves without a penalty get momentum SGD at step κα
+(:func:`sgd_leaf_step`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
-from jax.tree_util import register_static
 
+from optax_splitlbi import _checks
+from optax_splitlbi import _shard_map
+from optax_splitlbi import _xla_cpu
 from optax_splitlbi import penalties as penalties_lib
 from optax_splitlbi import prox as prox_lib
 
@@ -35,33 +37,27 @@ ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 _MASKED = optax.MaskedNode()
 
 
-@register_static
-class StaticHyperparams(NamedTuple):
-  """κ and λ as given to ``init`` (for recomputing Γ = κ·Prox(V) from V).
-
-  ``None`` where they were traced values at init time.
-  """
-
-  kappa: Optional[float]
-  lam: Optional[float]
-
-
 class SplitLBIState(NamedTuple):
-  """State of :func:`splitlbi`; every array field has the params' structure.
+  """State of :func:`splitlbi`. The array fields have the params' structure.
+
+  Its tree structure depends only on the params, the penalty layout and the
+  ``store_gamma`` / ``record_path`` options, never on hyperparameter values.
 
   Attributes:
-    count: number of updates done (int32), indexes a learning-rate schedule.
+    count: number of updates done (int32); indexes a learning-rate schedule.
     momentum: the momentum buffer b of every leaf.
     v: the dual variable V (``MaskedNode`` on unpenalized leaves).
     gamma: the sparse copy Γ = κ·Prox(V) (``MaskedNode`` on unpenalized
-      leaves); ``None`` when ``store_gamma=False`` (recompute it with
-      :func:`optax_splitlbi.gamma`).
-    entry: with ``record_path=True``, per group (keepdims layout) or per entry
-      (lasso) the step k at which Γ_k first became nonzero there, −1 if not yet;
+      leaves); ``None`` with ``store_gamma=False`` (:func:`optax_splitlbi.gamma`
+      recomputes it).
+    entry: with ``record_path=True``, per group (keepdims layout) or entry
+      (lasso) the step at which Γ first became nonzero there, −1 if not yet;
       otherwise ``None``.
-    penalty: the resolved :class:`~optax_splitlbi.penalties.LeafPenalty` of
+    kappa: κ of the last update (float32), so that Γ = κ·Prox_t(V).
+    threshold: the prox threshold t (λ, or λ·√d) of every penalized leaf, in
+      leaf order (float32 vector), as used by the last update.
+    penalty: the :class:`~optax_splitlbi.penalties.LeafPenalty` group layout of
       every leaf (``None`` if unpenalized). Static: holds no arrays.
-    hyper: κ and λ at init (static), for recomputing Γ from V.
   """
 
   count: jax.Array
@@ -69,171 +65,191 @@ class SplitLBIState(NamedTuple):
   v: optax.Updates
   gamma: Optional[optax.Updates]
   entry: Optional[optax.Updates]
+  kappa: jax.Array
+  threshold: jax.Array
   penalty: Any
-  hyper: StaticHyperparams
 
 
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+class Hyperparams(NamedTuple):
+  """The scalars of one step: floats, or arrays (schedules, inject_hyperparams)."""
+
+  alpha: Any  # α, the learning rate at this step
+  kappa: Any  # κ
+  nu: Any  # ν
+  momentum: Any  # τ
+  weight_decay: Any  # β of this leaf; None: no decay term
 
 
-def _check(name: str, value: Any, ok: Callable[[float], bool], need: str) -> None:
-  if callable(value) or not _is_concrete(value):
-    return
-  try:
-    x = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"splitlbi: {name} must be a number, got {value!r}.") from None
-  if not math.isfinite(x) or not ok(x):
-    raise ValueError(f"splitlbi: {name} must be {need}, got {value!r}.")
+def momentum_step(b: jax.Array, g: jax.Array, tau, nesterov: bool):
+  """b' = τ·b + g and the step direction: b', or g + τ·b' (Nesterov)."""
+  b_next = tau * b + g
+  return b_next, (g + tau * b_next if nesterov else b_next)
 
 
-def _static_float(x: Any) -> Optional[float]:
-  if callable(x) or not _is_concrete(x):
-    return None
-  return float(x)
+def decayed(g: jax.Array, w: jax.Array, h: Hyperparams) -> jax.Array:
+  """g̃ = ∇L(W) + β·W (no term where the leaf is not decayed)."""
+  return g if h.weight_decay is None else g + h.weight_decay * w
 
 
-def _own_buffer(fn: Callable[..., jax.Array], pred: jax.Array, *args) -> jax.Array:
-  """``fn(*args)``; on CPU computed once, into its own buffer.
+def sgd_leaf_step(g: jax.Array, w: jax.Array, b: jax.Array, h: Hyperparams, *,
+                  nesterov: bool):
+  """Momentum SGD at step κα for an unpenalized leaf.
 
-  XLA:CPU has no sibling multi-output fusion: each consumer of a cheap
-  elementwise value (here the coupling term (W − Γ)/ν, read by the updates of
-  b, W and V) recomputes it from W and Γ, and with donated params and state
-  the in-place writes of W' and Γ' then force full copies of the old W and Γ.
-  A conditional whose two branches are both ``fn`` (``pred`` is any traced
-  bool) cannot be fused through, so the value is materialized once and the
-  copies disappear (update of the ResNet-50 tree 1.6-1.9× faster on CPU;
-  benchmarks/RESULTS.md).
-  Other backends fuse well and get plain ``fn(*args)``.
+  Args:
+    g: ∇L(W).
+    w: W.
+    b: the momentum buffer.
+    h: the step's hyperparameters.
+    nesterov: Nesterov momentum.
+
+  Returns:
+    ``(W' − W, b')``.
   """
-  return jax.lax.platform_dependent(
-      pred, *args,
-      cpu=lambda p, *a: jax.lax.cond(p, fn, fn, *a),
-      default=lambda p, *a: fn(*a))
+  b_next, direction = momentum_step(b, decayed(g, w, h), h.momentum, nesterov)
+  return -h.kappa * h.alpha * direction, b_next
 
 
-def _cpu_multi_output_fusion() -> bool:
-  """Whether XLA:CPU's multi-output fusion pass is on (read when tracing).
+def _identity(x: jax.Array) -> jax.Array:
+  return x
 
-  It is off by default and enabled by
-  ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
-  set before JAX starts; it cannot be set per ``jit``.
+
+def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
+                        h: Hyperparams, *, nesterov: bool, coupling: str,
+                        own_buffer: Callable[[jax.Array], jax.Array] = _identity):
+  r"""One SplitLBI step of a penalized leaf (paper eqs. 4, 12-14).
+
+  Args:
+    g: ∇L(W).
+    w: W.
+    b: the momentum buffer b.
+    v: the dual variable V.
+    gam: Γ (stored, or κ·Prox(V) recomputed in lean mode).
+    prox_v: Prox_{λΩ} of this leaf, a function of V (soft-threshold or group
+      shrinkage at the leaf's threshold t).
+    h: the step's hyperparameters α, κ, ν, τ and this leaf's β.
+    nesterov: step along g̃ + τ·b'.
+    coupling: ``"outside"`` (official code) or ``"momentum"`` (paper eq. 12).
+    own_buffer: applied to the coupling gradient; identity except in the
+      XLA:CPU form (:mod:`optax_splitlbi._xla_cpu`).
+
+  Returns:
+    ``(W' − W, b', V', Γ')``.
   """
-  return "xla_cpu_use_multi_output_fusion" in os.environ.get("XLA_FLAGS", "")
-
-
-def _momentum_coefficients(tau, nesterov: bool):
-  """(G, B) with direction = G·g̃ + B·b: b' = τ·b + g̃, Nesterov g̃ + τ·b'."""
-  return (1 + tau, tau * tau) if nesterov else (1, tau)
-
-
-def _fused_momentum_step(g, w, b, *, step, tau, wd, nesterov):
-  """ΔW = −sG·g − sB·b − sGβ'·W and b' = τ·b + g + β'·W of an unpenalized
-  leaf: no common intermediate, one kernel under multi-output fusion (see
-  :func:`_fused_penalized_step`)."""
-  big_g, big_b = _momentum_coefficients(tau, nesterov)
-  update = -(step * big_g) * g - (step * big_b) * b
-  if wd is None:
-    return update, tau * b + g
-  return update - (step * big_g * wd) * w, tau * b + g + wd * w
-
-
-def _fused_penalized_step(g, w, b, v, gam, *, alpha, step, nu, tau, wd, nesterov, coupling,
-                          kappa, lam, penalty, axis_name):
-  r"""The update, b', V', Γ' of a penalized leaf, written for multi-output fusion.
-
-  The same numbers as the line-by-line form of :func:`splitlbi` (to float
-  rounding), with the shared terms (b', W − Γ, Γ) distributed so that the
-  update, b' and V' are expressions of W, g, b, V, Γ with no common
-  intermediate. XLA:CPU's multi-output fusion pass (which never duplicates
-  an intermediate) then makes them one kernel that reads each input once.
-  With s = κα, G = 1 + τ, B = τ² (Nesterov) or G = 1, B = τ, and β' = β
-  where decayed::
-
-      b'  = τ·b + g + β'·W                         (+ (W − Γ)/ν, coupling="momentum")
-      ΔW  = −sG·g − sB·b − (sGβ' + s/ν)·W + (s/ν)·Γ   (outside)
-      ΔW  = −sG·g − sB·b − sG(β' + 1/ν)·W + (sG/ν)·Γ  (momentum)
-      V'  = V + (α/ν)·(W − Γ)
-
-  ``wd`` is β' or ``None`` (no decay term). ``gam=None`` (lean mode): each
-  use of Γ = κ·Prox(V) is its own expression (group: the per-group scale
-  times V; lasso: three exact forms of the soft-threshold). For lasso,
-  Γ' = κ·Prox(V') is elementwise and joins the kernel (from V' written as
-  V − (α/ν)·(Γ − W)); a group prox needs the norms of V' first.
-  """
-  lasso = penalty.kind == "lasso"
-  t = penalty.threshold(lam)
-  if gam is not None:
-    def gamma_times(c, form):  # c·Γ
-      del form
-      return c * gam
-  elif lasso:
-    soft = (lambda x: prox_lib.soft_threshold(x, t),
-            lambda x: x - jnp.clip(x, -t, t),
-            lambda x: jnp.maximum(x - t, 0) + jnp.minimum(x + t, 0))
-
-    def gamma_times(c, form):
-      return (c * kappa) * soft[form](v)
-  else:
-    scales = prox_lib.group_scales(v, penalty.reduce_axes, t, axis_name)
-
-    def gamma_times(c, form):
-      del form
-      return (c * kappa * scales) * v
-
-  big_g, big_b = _momentum_coefficients(tau, nesterov)
-  beta = 0 if wd is None else wd
+  g = decayed(g, w, h)  # g̃ = ∇L(W) + β·W
+  coupling_grad = own_buffer((w - gam) / h.nu)  # ∇_W ‖W − Γ‖²/(2ν)
+  if coupling == "momentum":
+    g = g + coupling_grad  # eq. 12: through the momentum
+  b_next, direction = momentum_step(b, g, h.momentum, nesterov)  # b' = τ·b + g̃
   if coupling == "outside":
-    c_w, c_gam = step * big_g * beta + step / nu, step / nu
-    b_next = tau * b + g if wd is None else tau * b + g + wd * w
+    direction = direction + coupling_grad  # official code: outside it
+  w_step = -h.kappa * h.alpha * direction  # W' = W − κα·b' − (κα/ν)·(W − Γ)
+  v_next = v + h.alpha * coupling_grad  # V' = V − (α/ν)·(Γ − W)
+  gam_next = h.kappa * prox_v(v_next)  # Γ' = κ·Prox_{λΩ}(V')
+  return w_step, b_next, v_next, gam_next
+
+
+class _Leaf(NamedTuple):
+  """One leaf's inputs to the update (``None`` where a leaf or mode has no such array)."""
+
+  grad: jax.Array
+  param: jax.Array
+  momentum: jax.Array
+  v: Any
+  gamma: Any
+  entry: Any
+  penalty: Optional[penalties_lib.LeafPenalty]
+  threshold: Any
+  axis_name: tuple
+
+
+def _leaf_update(leaf: _Leaf, h: Hyperparams, count: jax.Array, steps) -> _Leaf:
+  """The update and new state of one leaf, computed in its state's precision.
+
+  ``steps`` = (penalized step, SGD step) of the chosen form. Returns a
+  :class:`_Leaf` whose ``grad`` field holds the update W' − W.
+  """
+  penalized_step, sgd_step = steps
+  ctype = jnp.promote_types(leaf.momentum.dtype, leaf.param.dtype)
+  g, w, b = (x.astype(ctype) for x in (leaf.grad, leaf.param, leaf.momentum))
+  if leaf.penalty is None:
+    update, b_next = sgd_step(g, w, b, h)
+    return leaf._replace(grad=update.astype(leaf.grad.dtype),
+                         momentum=b_next.astype(leaf.momentum.dtype))
+  pe, t, axes = leaf.penalty, leaf.threshold, leaf.axis_name
+  prox_v = prox_lib.LeafProx(pe, t, axes)
+  v, gam = leaf.v.astype(ctype), leaf.gamma.astype(ctype)
+  update, b_next, v_next, gam_next = penalized_step(g, w, b, v, gam, prox_v, h)
+  entry = leaf.entry
+  if entry is not None:  # the first step at which the group entered supp Γ
+    entered = prox_lib.active(v_next, pe, t, axes) & (entry < 0)
+    entry = jnp.where(entered, count + 1, entry).astype(jnp.int32)
+  return leaf._replace(
+      grad=update.astype(leaf.grad.dtype), momentum=b_next.astype(leaf.momentum.dtype),
+      v=v_next.astype(leaf.v.dtype), gamma=gam_next.astype(leaf.gamma.dtype), entry=entry)
+
+
+def _leaf_steps(form: str, nesterov: bool, coupling: str):
+  """(penalized step, SGD step) functions of the update form ``form``."""
+  equations = (functools.partial(penalized_leaf_step, nesterov=nesterov, coupling=coupling),
+               functools.partial(sgd_leaf_step, nesterov=nesterov))
+  if form == "equations":
+    return equations
+  if form == "buffered":
+    cpu = (functools.partial(equations[0], own_buffer=_xla_cpu.own_buffer), equations[1])
   else:
-    c_w, c_gam = step * big_g * (beta + 1 / nu), step * big_g / nu
-    b_next = tau * b + g + (beta + 1 / nu) * w - gamma_times(1 / nu, 2)
-  update = gamma_times(c_gam, 0) - (step * big_g) * g - (step * big_b) * b - c_w * w
-  v_next = v + (alpha / nu) * (w - (gam if gam is not None else gamma_times(1, 1)))
-  gam_next = None
-  if gam is not None:
-    v_prox = v - (alpha / nu) * (gam - w) if lasso else v_next
-    gam_next = kappa * prox_lib.prox(v_prox, penalty, lam, axis_name)
-  return update, b_next, v_next, gam_next
+    cpu = (functools.partial(_xla_cpu.fused_penalized_leaf_step, nesterov=nesterov,
+                             coupling=coupling),
+           functools.partial(_xla_cpu.fused_sgd_leaf_step, nesterov=nesterov))
+  # The arrays are (g, W, b, V, Γ) and (g, W, b).
+  return tuple(_xla_cpu.on_cpu(c, e, n) for c, e, n in zip(cpu, equations, (5, 3)))
 
 
-def _is_spec(x: Any) -> bool:
-  return x is None or isinstance(x, jax.sharding.PartitionSpec)
-
-
-def _group_split_axes(param_specs, params, treedef, pens, p_leaves) -> list[tuple]:
-  """Per leaf, the shard_map mesh axes that split its groups (else ())."""
-  if param_specs is None:
-    return [()] * len(pens)
-  specs = treedef.flatten_up_to(jax.tree.broadcast(param_specs, params, is_leaf=_is_spec))
-  paths = [penalties_lib.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+def _thresholds(resolved: list, layouts: list, lam) -> list:
+  """t of every leaf (``None`` if unpenalized), with the state's group sizes."""
   out = []
-  for path, spec, pe, w in zip(paths, specs, pens, p_leaves):
-    names = []
-    if pe is not None and pe.kind == "group" and spec is not None:
-      for a in pe.reduce_axes:
-        entry = spec[a] if a < len(spec) else None
-        names += [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
-    if names:
-      try:
-        split = math.prod(jax.lax.axis_size(n) for n in names)
-      except NameError:
-        raise ValueError(f"splitlbi: param_specs splits the groups of {path} over mesh "
-                         f"axes {names}, but update is not inside jax.shard_map over "
-                         "them; under jax.jit leave param_specs=None.") from None
-      local = math.prod(w.shape[a] for a in pe.reduce_axes)
-      if local * split != pe.group_size:
-        raise ValueError(f"splitlbi: {path}: a local group has {local} entries, split "
-                         f"{split} ways, but the state's group size is {pe.group_size}; "
-                         "call init on the global params and pass their specs.")
-    out.append(tuple(names))
+  for r, pe in zip(resolved, layouts):
+    if pe is None:
+      out.append(None)
+    else:  # the state's layout has the global group size (also under shard_map)
+      out.append(penalties_lib.ResolvedPenalty(pe, r.lam, r.normalized).threshold(lam))
   return out
 
 
-def _default_weight_decay_mask(params):
-  return jax.tree.map(lambda p: len(p.shape) > 1, params)
+def _init_leaves(params, resolved: list, state_dtype, store_gamma: bool, record_path: bool):
+  """Zero b, V, Γ and the −1 entry record of every leaf (lists in leaf order).
+
+  ``zeros_like`` keeps each parameter's sharding (the state follows the
+  params), and every call makes its own buffer, so the state can be donated.
+  """
+  leaves = jax.tree.leaves(params)
+  out = {"momentum": [], "v": [], "gamma": [], "entry": []}
+  for p, r in zip(leaves, resolved):
+    dtype = p.dtype if state_dtype is None else jnp.dtype(state_dtype)
+    out["momentum"].append(jnp.zeros_like(p, dtype))
+    if r is None:
+      for k in ("v", "gamma", "entry"):
+        out[k].append(_MASKED)
+      continue
+    out["v"].append(jnp.zeros_like(p, dtype))
+    out["gamma"].append(jnp.zeros_like(p, dtype))
+    # keepdims layout, sharded as p on the group-index axes (the sum is dead code under jit)
+    group_shape = jnp.sum(jnp.zeros_like(p, jnp.int32), r.layout.reduce_axes, keepdims=True)
+    out["entry"].append(jnp.full_like(group_shape, -1))
+  if not store_gamma:
+    out["gamma"] = None
+  if not record_path:
+    out["entry"] = None
+  return out
+
+
+def _scalar_copy(x) -> jax.Array:
+  """``x`` as a float32 array in a buffer of its own (the state is donated)."""
+  return jnp.array(x, jnp.float32, copy=True)
+
+
+def _threshold_vector(thresholds: list) -> jax.Array:
+  ts = [jnp.asarray(t, jnp.float32) for t in thresholds if t is not None]
+  return jnp.stack(ts) if ts else jnp.zeros((0,), jnp.float32)
 
 
 def splitlbi(
@@ -252,11 +268,12 @@ def splitlbi(
     store_gamma: bool = True,
     state_dtype: Optional[jnp.dtype] = None,
     param_specs: Any = None,
+    xla_cpu_form: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Split Linearized Bregman Iteration (Fu et al., "Exploring Structural
   Sparsity of Deep Networks via Inverse Scale Spaces", TPAMI 2022; eqs. 4, 12-14).
 
-  Trains the dense weights W with SGD-momentum cost while a sparse copy
+  Trains the dense weights W at SGD-momentum cost while a sparse copy
   Γ = κ·Prox_{λΩ}(V) walks an inverse-scale-space path from 0, the important
   filters / weights entering supp(Γ) first. Per penalized leaf::
 
@@ -266,210 +283,139 @@ def splitlbi(
       Γ' = κ·Prox_{λΩ}(V')
 
   Args:
-    learning_rate: α, a float or an optax schedule of the step count. The
+    learning_rate: α, a number or an optax schedule of the step count. The
       weights move at κα (keep κα = 0.1 to compare with SGD at 0.1).
     kappa: damping κ > 0 (paper default 1).
     nu: coupling ν > 0 between W and Γ (paper: 10 on MNIST/CIFAR, 1000 on
-      ImageNet; the official code's default, 100, is used here). ν → ∞
-      decouples W, which then follows plain SGD.
+      ImageNet; official default 100). ν → ∞ decouples W (plain SGD).
     lam: sparsity weight λ ≥ 0, the prox threshold (per-leaf specs may
       override it). The official code hard-codes 1.
     momentum: τ in [0, 1); 0 gives the "Naive" variant.
     nesterov: step along ∇L + β·W + τ·b' (as PyTorch SGD and the lottery code).
     weight_decay: β ≥ 0, added to the gradient before the momentum.
-    weight_decay_mask: pytree of bools, or a prefix of one (or a callable ``params -> bools``)
-      choosing the leaves decayed; default leaves with ndim > 1.
+    weight_decay_mask: pytree of bools, or a prefix of one, or a callable
+      ``params -> bools``, choosing the decayed leaves; default ndim > 1.
     penalty: per-leaf penalty spec: ``None`` (4-D → filter groups, 2-D →
       lasso, else none), one spec for all leaves, a pytree (prefix) of specs,
-      or a callable ``(path, leaf) -> spec``; see
-      :mod:`optax_splitlbi.penalties`.
-    coupling: ``"outside"`` (official code: the coupling (W − Γ)/ν is added
-      outside the momentum) or ``"momentum"`` (paper eq. 12: through it).
-    record_path: keep, per group / entry, the step at which it first entered
-      supp(Γ) (an int32 per group) in ``state.entry``.
-    store_gamma: keep Γ in the state (3× param bytes). ``False`` recomputes
-      Γ = κ·Prox(V) each step (2× param bytes, one extra prox per step).
-    state_dtype: dtype of b, V and Γ (e.g. ``jnp.float32`` with bf16
-      params); default: each parameter's dtype.
+      or a callable ``(path, leaf) -> spec``; see :mod:`optax_splitlbi.penalties`.
+    coupling: ``"outside"`` (official code: (W − Γ)/ν added outside the
+      momentum) or ``"momentum"`` (paper eq. 12: through it).
+    record_path: keep in ``state.entry``, per group / entry, the step at which
+      it first entered supp(Γ) (an int32 per group).
+    store_gamma: keep Γ in the state (3× the penalized param bytes); ``False``
+      recomputes Γ = κ·Prox(V) each step (2×, one extra prox per step).
+    state_dtype: dtype of b, V and Γ (e.g. ``jnp.float32`` with bf16 params);
+      default: each parameter's dtype.
     param_specs: only for ``update`` inside ``jax.shard_map`` when a group is
-      split over devices: the params' ``PartitionSpec`` s (a pytree prefix,
-      as in ``in_specs``). Group norms are then psum-reduced over the mesh
-      axes named at a group's reduced axes, so Γ is the prox of the global
-      group. Not needed under ``jax.jit`` (GSPMD reduces globally), with
-      ``pmap``, or when no reduced axis is sharded. Call ``init`` on the
-      global params, outside ``shard_map``.
+      split over devices: the params' ``PartitionSpec`` s (a prefix, as in
+      ``in_specs``); group norms are then psum-reduced over the mesh axes at a
+      group's reduced axes. Not needed under ``jax.jit`` or ``pmap``. Call
+      ``init`` on the global params, outside ``shard_map``.
+    xla_cpu_form: how the update is spelled when compiled for CPU (other
+      backends always run the equations): ``"auto"`` (``"fused"`` if XLA's
+      CPU multi-output fusion flag is set at construction, else
+      ``"buffered"``), ``"buffered"``, ``"fused"`` or ``"equations"`` (exactly
+      what GPU and TPU run). All give the same numbers to float rounding; see
+      :mod:`optax_splitlbi._xla_cpu`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
     and ignores extra keyword arguments.
-
-  On CPU, set ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
-  before JAX starts: the update is then traced in a form (same numbers) whose
-  ΔW, b', V' per leaf XLA:CPU fuses into one kernel (benchmarks/RESULTS.md).
   """
-  _check("kappa", kappa, lambda x: x > 0, "> 0")
-  _check("nu", nu, lambda x: x > 0, "> 0")
-  _check("lam", lam, lambda x: x >= 0, ">= 0")
-  _check("momentum", momentum, lambda x: 0 <= x < 1, "in [0, 1)")
-  _check("weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
-  _check("learning_rate", learning_rate, lambda x: x >= 0, ">= 0")
-  if coupling not in ("outside", "momentum"):
-    raise ValueError(f"splitlbi: coupling must be 'outside' or 'momentum', got {coupling!r}.")
-
-  def dtype_of(p):
-    return jnp.dtype(state_dtype) if state_dtype is not None else p.dtype
+  _checks.hyperparameters(learning_rate=learning_rate, kappa=kappa, nu=nu, lam=lam,
+                          momentum=momentum, weight_decay=weight_decay, coupling=coupling)
+  steps = _leaf_steps(_xla_cpu.resolve_form(xla_cpu_form), nesterov, coupling)
+  decay_mask = weight_decay_mask if weight_decay_mask is not None else _default_decay_mask
 
   def init_fn(params: optax.Params) -> SplitLBIState:
-    pen = penalties_lib.resolve_penalties(penalty, params)
-    leaves, treedef = jax.tree.flatten(params)
-    pens = treedef.flatten_up_to(pen)
-
-    # zeros_like keeps each parameter's sharding: the state follows the params.
-    def zeros(p, pe, keep_unpenalized=False):
-      if pe is None and not keep_unpenalized:
-        return _MASKED
-      return jnp.zeros_like(p, dtype_of(p))
-
-    def entry0(p, pe):
-      if pe is None:
-        return _MASKED
-      # keepdims layout, sharded as p on the group-index axes (the sum is dead code in jit)
-      like = jnp.sum(jnp.zeros_like(p, jnp.int32), axis=pe.reduce_axes, keepdims=True)
-      return jnp.full_like(like, -1)
-
-    # Each zeros() call makes its own buffer, so donating the state is safe.
-    unflat = treedef.unflatten
+    resolved = _resolve(penalty, params)
+    treedef = jax.tree.structure(params)
+    arrays = _init_leaves(params, resolved, state_dtype, store_gamma, record_path)
+    layouts = [None if r is None else r.layout for r in resolved]
     return SplitLBIState(
         count=jnp.zeros([], jnp.int32),
-        momentum=unflat([zeros(p, pe, True) for p, pe in zip(leaves, pens)]),
-        v=unflat([zeros(p, pe) for p, pe in zip(leaves, pens)]),
-        gamma=unflat([zeros(p, pe) for p, pe in zip(leaves, pens)]) if store_gamma else None,
-        entry=unflat([entry0(p, pe) for p, pe in zip(leaves, pens)]) if record_path else None,
-        penalty=pen,
-        hyper=StaticHyperparams(_static_float(kappa), _static_float(lam)),
-    )
+        **{k: None if x is None else treedef.unflatten(x) for k, x in arrays.items()},
+        kappa=_scalar_copy(kappa),
+        threshold=_threshold_vector(_thresholds(resolved, layouts, lam)),
+        penalty=treedef.unflatten(layouts))
 
   def update_fn(updates, state: SplitLBIState, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("splitlbi needs the current parameters: call "
-                       "update(grads, state, params) (params=None was given).")
-    count = state.count
-    alpha = learning_rate(count) if callable(learning_rate) else learning_rate
-    step = kappa * alpha  # the weights move at κα
-
-    g_leaves, treedef = jax.tree.flatten(updates)
-    p_leaves = treedef.flatten_up_to(params)
-    flat = treedef.flatten_up_to
-    b_leaves = flat(state.momentum)
-    v_leaves = flat(state.v)
-    pens = flat(state.penalty)
-    gam_leaves = flat(state.gamma) if store_gamma else [None] * len(g_leaves)
-    ent_leaves = flat(state.entry) if record_path else [None] * len(g_leaves)
-    mask = weight_decay_mask if weight_decay_mask is not None else _default_weight_decay_mask
-    if callable(mask):
-      mask = mask(params)
-    try:  # a pytree of bools, or a prefix of one (e.g. {"Dense_0": False, "Conv_0": True})
-      decay = flat(jax.tree.broadcast(mask, params))
-    except (ValueError, TypeError) as e:
-      raise ValueError("splitlbi: weight_decay_mask must be a pytree of bools (or a prefix) "
-                       f"matching the params, or a callable returning one: {e}") from None
-    axes = _group_split_axes(param_specs, params, treedef, pens, p_leaves)
-    # β = 0 given as a number: skip the β·W term (one read of W less).
-    no_decay = _is_concrete(weight_decay) and not callable(weight_decay) and weight_decay == 0
-
-    # On XLA:CPU with multi-output fusion on: the fusion-friendly form.
-    fused_form = _cpu_multi_output_fusion()
-
-    def momentum_step(b, g_tilde):
-      """b' = τ·b + g̃ and the step direction (Nesterov: g̃ + τ·b')."""
-      b_next = momentum * b + g_tilde
-      return b_next, (g_tilde + momentum * b_next if nesterov else b_next)
-
-    new_u, new_b, new_v, new_gam, new_ent = [], [], [], [], []
-    for g, w, b, v, gam, ent, pe, dec, ax in zip(g_leaves, p_leaves, b_leaves, v_leaves,
-                                                 gam_leaves, ent_leaves, pens, decay, axes):
-      ctype = jnp.promote_types(b.dtype, w.dtype)
-      gc, wc, bc = g.astype(ctype), w.astype(ctype), b.astype(ctype)
-      wd = weight_decay if dec and not no_decay else None  # β on this leaf, None: no term
-      if pe is None:  # momentum SGD at κα
-
-        def sgd_line_by_line(gc, wc, bc, wd=wd):
-          b_next, direction = momentum_step(bc, gc if wd is None else gc + wd * wc)
-          return -step * direction, b_next
-
-        if fused_form:
-          fused = functools.partial(
-              _fused_momentum_step, step=step, tau=momentum, nesterov=nesterov, wd=wd)
-          update, b_next = jax.lax.platform_dependent(
-              gc, wc, bc, cpu=fused, default=sgd_line_by_line)
-        else:
-          update, b_next = sgd_line_by_line(gc, wc, bc)
-        new_u.append(update.astype(g.dtype))
-        new_b.append(b_next.astype(b.dtype))
-        new_v.append(_MASKED)
-        new_gam.append(_MASKED)
-        new_ent.append(_MASKED)
-        continue
-      vc = v.astype(ctype)
-
-      def line_by_line(gc, wc, bc, vc, gam, pe=pe, ctype=ctype, ax=ax, wd=wd):
-        gt = gc if wd is None else gc + wd * wc
-
-        # Lean, groups: Γ = κ·scale_g·V, the per-group scales reduced outside
-        # the conditional (inside it the scaling ran on one thread).
-        lean_group = not store_gamma and pe.kind != "lasso"
-        gam_or_scales = (kappa * prox_lib.group_scales(vc, pe.reduce_axes, pe.threshold(lam), ax)
-                         if lean_group else gam)
-
-        def coupling_fn(wc, vc, gam_or_scales):
-          if store_gamma:
-            gc_old = gam_or_scales.astype(ctype)
-          elif lean_group:
-            gc_old = gam_or_scales * vc
-          else:
-            gc_old = kappa * prox_lib.soft_threshold(vc, pe.threshold(lam))
-          return (wc - gc_old) / nu  # ∇_W ‖W − Γ‖²/(2ν)
-
-        coupling_term = _own_buffer(coupling_fn, count >= 0, wc, vc, gam_or_scales)
-        if coupling == "momentum":
-          gt = gt + coupling_term
-        b_next, direction = momentum_step(bc, gt)
-        if coupling == "outside":
-          direction = direction + coupling_term
-        v_next = vc + alpha * coupling_term  # V' = V − (α/ν)(Γ − W)
-        gam_next = kappa * prox_lib.prox(v_next, pe, lam, ax) if store_gamma else None
-        return -step * direction, b_next, v_next, gam_next
-
-      if fused_form:
-        fused = functools.partial(
-            _fused_penalized_step, alpha=alpha, step=step, nu=nu, tau=momentum, wd=wd,
-            nesterov=nesterov, coupling=coupling, kappa=kappa, lam=lam, penalty=pe,
-            axis_name=ax)
-        update, b_next, v_next, gam_next = jax.lax.platform_dependent(
-            gc, wc, bc, vc, None if gam is None else gam.astype(ctype),
-            cpu=fused, default=line_by_line)
-      else:
-        update, b_next, v_next, gam_next = line_by_line(gc, wc, bc, vc, gam)
-      new_u.append(update.astype(g.dtype))
-      new_b.append(b_next.astype(b.dtype))
-      new_v.append(v_next.astype(v.dtype))
-      if store_gamma:
-        new_gam.append(gam_next.astype(gam.dtype))
-      if record_path:
-        entered = prox_lib.active(v_next, pe, lam, ax) & (ent < 0)
-        new_ent.append(jnp.where(entered, count + 1, ent).astype(jnp.int32))
-
-    unflat = treedef.unflatten
+    _checks.update_inputs(updates, state, params)
+    alpha = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    h = Hyperparams(alpha=alpha, kappa=kappa, nu=nu, momentum=momentum, weight_decay=None)
+    treedef = jax.tree.structure(params)
+    decays = _decay_per_leaf(weight_decay, decay_mask, params)
+    layouts = treedef.flatten_up_to(state.penalty)
+    resolved = _resolve(penalty, params)
+    _checks.same_layout(resolved, layouts, params)
+    thresholds = _thresholds(resolved, layouts, lam)
+    axes = _shard_map.group_split_axes(param_specs, params, layouts)
+    gam = state.gamma if store_gamma else recompute_gamma(state, axes)
+    fields = [treedef.flatten_up_to(x) if x is not None else [None] * treedef.num_leaves
+              for x in (updates, params, state.momentum, state.v, gam, state.entry)]
+    new = [_leaf_update(_Leaf(*f, pe, t, ax), h._replace(weight_decay=beta), state.count, steps)
+           for *f, pe, t, ax, beta in zip(*fields, layouts, thresholds, axes, decays)]
+    unflat = lambda name: treedef.unflatten([getattr(x, name) for x in new])  # noqa: E731
     new_state = SplitLBIState(
-        count=optax.safe_increment(count),
-        momentum=unflat(new_b),
-        v=unflat(new_v),
-        gamma=unflat(new_gam) if store_gamma else None,
-        entry=unflat(new_ent) if record_path else None,
-        penalty=state.penalty,
-        hyper=state.hyper,
-    )
-    return unflat(new_u), new_state
+        count=optax.safe_increment(state.count), momentum=unflat("momentum"), v=unflat("v"),
+        gamma=unflat("gamma") if store_gamma else None,
+        entry=unflat("entry") if record_path else None, kappa=_scalar_copy(kappa),
+        threshold=_threshold_vector(thresholds), penalty=state.penalty)
+    return unflat("grad"), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def recompute_gamma(state: SplitLBIState, axis_names: Optional[list] = None) -> Any:
+  """Γ = κ·Prox_t(V) from the state's V, κ and thresholds (paper eq. 4c).
+
+  The Γ the last update left: equal to the stored Γ of ``store_gamma=True``,
+  also when κ or λ changed between steps (``optax.inject_hyperparams``).
+
+  Args:
+    state: a :class:`SplitLBIState`.
+    axis_names: per leaf, the ``shard_map`` mesh axes that split its groups.
+
+  Returns:
+    Γ with the params' structure, ``MaskedNode`` on unpenalized leaves.
+  """
+  v, treedef = jax.tree.flatten(state.v, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  layouts = treedef.flatten_up_to(state.penalty)
+  axis_names = axis_names or [()] * len(v)
+  thresholds = iter(state.threshold)
+  out = [_MASKED if pe is None else
+         (state.kappa * prox_lib.prox(x, pe, next(thresholds), ax)).astype(x.dtype)
+         for x, pe, ax in zip(v, layouts, axis_names)]
+  return treedef.unflatten(out)
+
+
+def _default_decay_mask(params):
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _resolve(penalty: Any, params: Any) -> list:
+  """The resolved penalty of every leaf (leaf order), dtypes checked."""
+  tree = penalties_lib.resolve_penalties(penalty, params)
+  resolved = jax.tree.structure(params).flatten_up_to(tree)
+  _checks.penalized_dtypes(params, resolved)
+  return resolved
+
+
+def _decay_per_leaf(weight_decay, mask, params) -> list:
+  """β, or ``None`` (no decay term), for every leaf in leaf order.
+
+  Not ``optax.add_decayed_weights``: g̃ = ∇L + β·W computed over the tree
+  before the per-leaf update is materialized by XLA:CPU's multi-output fusion
+  (an extra write and read of every decayed leaf), whereas inside the per-leaf
+  step it joins the leaf's kernel. The mask follows optax's conventions.
+  """
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+    return [None] * len(jax.tree.leaves(params))  # skip the β·W term: one read of W less
+  mask = mask(params) if callable(mask) else mask
+  try:  # a pytree of bools, or a prefix of one (e.g. {"Dense_0": False, "Conv_0": True})
+    decayed = jax.tree.structure(params).flatten_up_to(jax.tree.broadcast(mask, params))
+  except (ValueError, TypeError) as e:
+    raise ValueError("splitlbi: weight_decay_mask must be a pytree of bools (or a prefix) "
+                     f"matching the params, or a callable returning one: {e}") from None
+  return [weight_decay if d else None for d in decayed]

@@ -9,17 +9,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-MOF_FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
+@pytest.fixture(params=["equations", "buffered", "fused"])
+def update_form(request):
+  """The ``xla_cpu_form`` passed to ``splitlbi``: every spelling of the update.
 
-
-@pytest.fixture(params=["line_by_line", "fused"])
-def update_form(request, monkeypatch):
-  """Which form of the update ``splitlbi`` traces on CPU.
-
-  "fused" is the form traced when XLA:CPU's multi-output fusion flag is in
-  ``XLA_FLAGS`` (read at trace time; this process's XLA started without it,
-  so only the numbers are exercised, not the fusion).
+  "equations" is exactly the code GPU and TPU run (so it is checked here, on
+  CPU, against the same references); "buffered" and "fused" are the XLA:CPU
+  forms of ``optax_splitlbi._xla_cpu``. This process's XLA runs without the
+  multi-output fusion flag, so "fused" exercises its numbers, not its kernels
+  (``test_fusion.py`` checks those in a fresh process with the flag).
   """
-  flags = os.environ.get("XLA_FLAGS", "").replace(MOF_FLAG, "")
-  monkeypatch.setenv("XLA_FLAGS", f"{flags} {MOF_FLAG}" if request.param == "fused" else flags)
   return request.param

@@ -1,7 +1,7 @@
 """Checkpointing the SplitLBI state with orbax-checkpoint (issue 5).
 
-The raw optimizer state (Γ, V, momentum, path records, and the leaf-less
-static LeafPenalty / StaticHyperparams nodes, which live in the treedef)
+The raw optimizer state (Γ, V, momentum, path records, κ and thresholds, and
+the leaf-less static LeafPenalty layout nodes, which live in the treedef)
 saves and restores with plain orbax, given an abstract target from
 ``jax.eval_shape``; sharded, unsharded and resharded on restore. A run
 interrupted, checkpointed and resumed is bit-identical to an uninterrupted one.
@@ -107,7 +107,7 @@ def test_raw_state_roundtrip_unsharded(tmp_path):
     restored = ckptr.restore(tmp_path / "ckpt", jax.eval_shape(lambda: tree))
   assert_bit_identical(restored, host)
   got = sl.find_state(restored["opt_state"])
-  assert got.penalty == state.penalty and got.hyper == state.hyper
+  assert got.penalty == state.penalty
   assert isinstance(got.v["conv"]["bias"], optax.MaskedNode)
   # Masks read from the restored state are the saved ones.
   for a, b in zip(jax.tree.leaves(sl.support(restored["opt_state"])),

@@ -15,9 +15,10 @@ def test_toolkit_doc_snippets_run_in_order():
   # Every public toolkit function appears in a snippet.
   text = "\n".join(BLOCKS)
   for name in ["support", "group_support", "sparse_params", "gamma", "find_state",
-               "hyperparams", "map_penalized", "penalized_leaves", "sparsity_report",
+               "penalized_leaves", "sparsity_report",
                "format_report", "group_norms_tree", "coupling_residue", "entry_steps",
                "entered_by", "importance_ranks", "importance_scores", "prune_to_sparsity",
                "apply_masks", "masked_updates", "conv_input_channels", "dense_neurons",
                "attention_heads"]:
     assert f"sl.{name}(" in text, name
+  assert "map_penalized(" in text

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import optax_splitlbi as slbi
+from optax_splitlbi.penalties import path_str
 from examples import models
 
 
@@ -14,7 +15,7 @@ def _shapes(name, input_shape, num_classes=10, **kw):
   model = models.get_model(name, num_classes, **kw)
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros(input_shape), train=False))
-  flat = {slbi.path_str(p): x.shape
+  flat = {path_str(p): x.shape
           for p, x in jax.tree_util.tree_flatten_with_path(variables["params"])[0]}
   return variables, flat
 
@@ -89,7 +90,7 @@ def test_vgg16_bn_count_by_hand():
 
 def test_default_penalty_groups_conv_filters_hwio():
   variables, flat = _shapes("digits_cnn", (1, 8, 8, 1))
-  pen = slbi.resolve_penalties(None, variables["params"])
+  pen = slbi.splitlbi(0.1).init(variables["params"]).penalty
   conv = pen["Conv_0"]["kernel"]
   assert conv.kind == "group" and conv.reduce_axes == (0, 1, 2)
   assert pen["Dense_0"]["kernel"].kind == "lasso"

@@ -1,14 +1,14 @@
 """The update under XLA:CPU's multi-output fusion pass (one kernel per leaf).
 
 With ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
-the transform traces its fusion-friendly form (``transform._fused_penalized_step``).
-Its numbers are checked against the NumPy reference in ``test_transform.py``
-(and lean / bf16 modes in ``test_memory_modes.py``, via the ``update_form``
-fixture of ``conftest.py``);
+set, ``splitlbi`` (``xla_cpu_form="auto"``) picks its fusion-friendly CPU form
+(``_xla_cpu.fused_penalized_leaf_step``). Its numbers are checked against the
+NumPy reference in ``test_transform.py`` (and lean / bf16 modes in
+``test_memory_modes.py``, via the ``update_form`` fixture of ``conftest.py``);
 here a fresh process with the flag set checks the compiled structure of a
 donated train-step update (no buffer copies; per leaf one multi-output kernel
-writing the update, b' and, where penalized, V' and, for lasso, Γ') and that it agrees
-with the line-by-line form compiled in the same process.
+writing the update, b' and, where penalized, V' and, for lasso, Γ') and that it
+agrees with the equations form compiled in the same process.
 """
 
 import json
@@ -19,7 +19,7 @@ import sys
 import pytest
 
 import optax_splitlbi as osl
-from optax_splitlbi import transform
+from optax_splitlbi import _xla_cpu
 
 MOF_FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
 
@@ -53,17 +53,15 @@ def run(f, state, steps=30):
   return jax.tree.map(np.asarray, (p, state.v))
 
 
-opt = osl.splitlbi(0.1, nu=2.0, lam=0.5, weight_decay=1e-3, store_gamma=store_gamma)
-f, hlo, state = compiled(opt)
+kw = dict(nu=2.0, lam=0.5, weight_decay=1e-3, store_gamma=store_gamma)
+f, hlo, state = compiled(osl.splitlbi(0.1, **kw))  # "auto": the flag is set
 entry = hlo[hlo.index("ENTRY"):]
 mof = re.findall(r"= \(([^)]*)\) fusion\(", entry)
-out = {"copies": len(re.findall(r"f32\[[^\]]*\]\S* copy\(", entry)),
+# Copies of parameter-sized arrays (rank >= 2; the scalars κ and t are tiny).
+out = {"copies": len(re.findall(r"f32\[\d+,[^\]]*\]\S* copy\(", entry)),
        "mof_outputs": sorted(len(m.split("f32[")) - 1 for m in mof)}
 fused = run(f, state)
-flags = os.environ["XLA_FLAGS"]
-os.environ["XLA_FLAGS"] = flags.replace("xla_cpu_use_multi_output_fusion", "")
-f2, _, state2 = compiled(opt)   # traced again: the line-by-line form
-os.environ["XLA_FLAGS"] = flags
+f2, _, state2 = compiled(osl.splitlbi(0.1, **kw, xla_cpu_form="equations"))
 plain = run(f2, state2)
 out["max_abs_diff"] = max(float(np.max(np.abs(a - b)))
                           for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(plain)))
@@ -74,9 +72,12 @@ print(json.dumps(out))
 
 def test_flag_detection(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  assert not transform._cpu_multi_output_fusion()
+  assert _xla_cpu.resolve_form("auto") == "buffered"
   monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {MOF_FLAG}")
-  assert transform._cpu_multi_output_fusion()
+  assert _xla_cpu.resolve_form("auto") == "fused"
+  assert _xla_cpu.resolve_form("equations") == "equations"
+  with pytest.raises(ValueError, match="xla_cpu_form"):
+    osl.splitlbi(0.1, xla_cpu_form="gpu")
 
 
 @pytest.mark.parametrize("mode", ["stored", "lean"])

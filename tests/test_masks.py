@@ -107,69 +107,34 @@ def test_store_gamma_false_recomputes_gamma():
                                                        [True, False, False]])
 
 
-def test_store_gamma_false_under_inject_hyperparams_uses_current_lam():
+def test_lean_gamma_is_the_gamma_of_the_last_update_under_inject_hyperparams():
   params = _params()
-  inj = optax.inject_hyperparams(osl.splitlbi, static_args=("store_gamma",))(
-      learning_rate=0.1, kappa=2.0, lam=1.0, store_gamma=False)
-  s = jax.jit(inj.init)(params)  # κ, λ traced at init: only the hyperparams dict knows them
-  assert osl.find_state(s).hyper.kappa is None
+  inject = optax.inject_hyperparams(osl.splitlbi, static_args=("store_gamma",))
+  lean = inject(learning_rate=0.1, kappa=2.0, lam=1.0, store_gamma=False)
+  s = jax.jit(lean.init)(params)  # κ, λ traced at init: the state holds their values
   s = s._replace(inner_state=_set_v(s.inner_state))
-  np.testing.assert_allclose(osl.gamma(s)["dense"]["kernel"], _expected_gamma(2.0, 1.0)[1])
-  # Edit λ in the hyperparams dict: Γ follows the current value.
-  s.hyperparams["lam"] = jnp.asarray(0.25)
-  g_conv, g_dense = _expected_gamma(2.0, 0.25)
+  g_conv, g_dense = _expected_gamma(2.0, 1.0)
   g = jax.jit(osl.gamma)(s)
   np.testing.assert_allclose(g["conv"]["kernel"], g_conv, rtol=1e-6)
   np.testing.assert_allclose(g["dense"]["kernel"], g_dense, rtol=1e-6)
-  m = osl.support(s)
-  np.testing.assert_array_equal(m["conv"]["kernel"][0, 0, 0], [True, True, True])
-  np.testing.assert_array_equal(m["dense"]["kernel"], [[True, True, True], [True, False, False]])
-  assert float(osl.hyperparams(s)["kappa"]) == 2.0
-
-
-def test_store_gamma_false_with_traced_kappa_raises():
-  params = _params()
-  s = jax.jit(lambda k: osl.splitlbi(0.1, kappa=k, store_gamma=False).init(params))(2.0)
-  with pytest.raises(ValueError, match="store_gamma"):
-    osl.gamma(s)
-
-
-def test_support_group_layouts_input_channels_and_heads():
-  # Input-channel groups of an HWIO kernel: reduce (kh, kw, cout).
-  params = {"k": jnp.zeros((1, 1, 2, 3)), "h": jnp.zeros((2, 3, 2))}
-  pen = {"k": osl.conv_input_channels(), "h": osl.attention_heads()}
-  s = osl.splitlbi(0.1, penalty=pen).init(params)
-  g_k = np.zeros((1, 1, 2, 3), np.float32)
-  g_k[0, 0, 1, 2] = 1e-3   # only input channel 1 nonzero
-  g_h = np.zeros((2, 3, 2), np.float32)
-  g_h[1, 0, 1] = -4.0      # head 0
-  g_h[0, 2, 0] = 2.0       # head 2
-  s = s._replace(gamma={"k": jnp.asarray(g_k), "h": jnp.asarray(g_h)})
-  m = osl.support(s)
-  want_k = np.zeros((1, 1, 2, 3), bool)
-  want_k[:, :, 1, :] = True
-  want_h = np.zeros((2, 3, 2), bool)
-  want_h[:, [0, 2], :] = True
-  np.testing.assert_array_equal(m["k"], want_k)
-  np.testing.assert_array_equal(m["h"], want_h)
-  assert osl.group_support(s)["h"].shape == (1, 3, 1)
-
-
-def test_find_state_errors():
-  with pytest.raises(ValueError, match="found 0"):
-    osl.find_state(optax.sgd(0.1).init({"w": jnp.zeros(2)}))
-  s = osl.splitlbi(0.1).init({"w": jnp.zeros((2, 2))})
-  with pytest.raises(ValueError, match="found 2"):
-    osl.find_state((s, s))
-
-
-def test_map_penalized_and_penalized_leaves():
-  params = _params()
-  s = osl.splitlbi(0.1).init(params)
-  out = osl.map_penalized(lambda pe, v, w: (pe.kind, w.shape), s, params)
-  assert out["conv"]["kernel"] == ("group", (1, 1, 2, 3))
-  assert out["dense"]["kernel"] == ("lasso", (2, 3))
-  assert out["conv"]["bias"] is None
-  info = osl.penalized_leaves(s)
-  assert [(n, i, pe.kind, shape) for n, i, pe, shape in info] == [
-      ("conv/kernel", 1, "group", (1, 1, 2, 3)), ("dense/kernel", 3, "lasso", (2, 3))]
+  # Edit λ between steps: the next update uses it for Γ' (as stored mode does), while
+  # the coupling of that update still uses the Γ of the last one (λ = 1).
+  stored = inject(learning_rate=0.1, kappa=2.0, lam=1.0, store_gamma=True)
+  t = stored.init(params)
+  t = t._replace(inner_state=_set_v(t.inner_state)._replace(gamma={
+      k: {"kernel": g[k]["kernel"], "bias": optax.MaskedNode()} for k in g}))
+  grads = jax.tree.map(lambda p: 0.1 * p, params)
+  for state in (s, t):
+    state.hyperparams["lam"] = jnp.asarray(0.25)
+  _, s = lean.update(grads, s, params)
+  _, t = stored.update(grads, t, params)
+  np.testing.assert_allclose(np.asarray(osl.find_state(s).threshold), [0.25, 0.25])
+  for a, b in zip(jax.tree.leaves(osl.gamma(s)), jax.tree.leaves(osl.gamma(t))):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  # By hand: V' = V + (α/ν)(W − Γ) with ν = 100, then Γ' = 2·Prox_0.25(V').
+  v_conv, v_dense = _v_tree()
+  v_dense_next = v_dense + 0.1 / 100 * (5.0 - g_dense)
+  np.testing.assert_allclose(osl.find_state(s).v["dense"]["kernel"], v_dense_next, rtol=1e-6)
+  np.testing.assert_allclose(
+      osl.gamma(s)["dense"]["kernel"],
+      2.0 * np.sign(v_dense_next) * np.maximum(np.abs(v_dense_next) - 0.25, 0), rtol=1e-5)

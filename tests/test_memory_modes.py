@@ -64,9 +64,10 @@ def _field_bytes(tree):
 
 def test_lean_mode_matches_default(update_form):
   targets = _targets()
-  p_def, s_def = _run(osl.splitlbi(LR, KAPPA, NU, LAM), _zeros_like(targets), targets)
-  p_lean, s_lean = _run(osl.splitlbi(LR, KAPPA, NU, LAM, store_gamma=False),
-                        _zeros_like(targets), targets)
+  p_def, s_def = _run(osl.splitlbi(LR, KAPPA, NU, LAM, xla_cpu_form=update_form),
+                      _zeros_like(targets), targets)
+  p_lean, s_lean = _run(osl.splitlbi(LR, KAPPA, NU, LAM, store_gamma=False,
+                                     xla_cpu_form=update_form), _zeros_like(targets), targets)
   assert s_lean.gamma is None
   for a, b in zip(jax.tree.leaves(p_def), jax.tree.leaves(p_lean)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -94,15 +95,19 @@ def test_state_bytes_per_param_byte(store_gamma, factor):
   assert pen_state == factor * pen_bytes
   assert _field_bytes(state.v) == pen_bytes
   assert _field_bytes(state.momentum) == pen_bytes + unpen_bytes
-  total = _field_bytes(state)  # every array leaf, count included
-  assert total == factor * pen_bytes + unpen_bytes + 4
-  assert total <= factor * (pen_bytes + unpen_bytes) + 4
+  # Every array leaf: count, κ and one threshold per penalized leaf are 4 bytes each.
+  scalars = 4 * (2 + len(penalized))
+  total = _field_bytes(state)
+  assert total == factor * pen_bytes + unpen_bytes + scalars
+  assert total <= factor * (pen_bytes + unpen_bytes) + scalars
 
 
 def test_bf16_params_f32_state_same_support_as_f32(update_form):
   targets = _targets()
-  p32, s32 = _run(osl.splitlbi(LR, KAPPA, NU, LAM), _zeros_like(targets), targets)
-  p16, s16 = _run(osl.splitlbi(LR, KAPPA, NU, LAM, state_dtype=jnp.float32),
+  p32, s32 = _run(osl.splitlbi(LR, KAPPA, NU, LAM, xla_cpu_form=update_form),
+                  _zeros_like(targets), targets)
+  p16, s16 = _run(osl.splitlbi(LR, KAPPA, NU, LAM, state_dtype=jnp.float32,
+                               xla_cpu_form=update_form),
                   _zeros_like(targets, jnp.bfloat16), targets)
   for x in jax.tree.leaves(p16):
     assert x.dtype == jnp.bfloat16
@@ -140,8 +145,12 @@ def test_donation_every_leaf_its_own_buffer(kwargs):
 
   step = jax.jit(step, donate_argnums=(0, 1))
   for _ in range(2):
-    old = jax.tree.leaves((params, state))
+    old = jax.tree_util.tree_flatten_with_path((params, state))[0]
     params, state = step(params, state)
     jax.block_until_ready((params, state))
-    assert all(x.is_deleted() for x in old)  # donated, and no "buffer donated" error
+    # Donated, and no "buffer donated" error. With Γ stored, the update writes
+    # κ and the thresholds but never reads them: jit drops them from its inputs.
+    kept = [jax.tree_util.keystr(k) for k, x in old if not x.is_deleted()]
+    assert kept == ([] if kwargs.get("store_gamma") is False
+                    else ["[1].kappa", "[1].threshold"]), kept
   assert int(state.count) == 2

@@ -14,10 +14,18 @@ import optax
 import pytest
 
 import optax_splitlbi as osl
+from optax_splitlbi.penalties import resolve_penalties
+from optax_splitlbi.prox import group_norms, prox
 
 
 def _resolve(spec, shape):
-  return osl.resolve_penalties({"w": spec}, {"w": jnp.zeros(shape)})["w"]
+  """The leaf's group layout (:class:`LeafPenalty`) under ``spec``."""
+  return resolve_penalties({"w": spec}, {"w": jnp.zeros(shape)})["w"].layout
+
+
+def _prox(v, spec, lam):
+  r = resolve_penalties({"w": spec}, {"w": v})["w"]
+  return prox(v, r.layout, r.threshold(lam))
 
 
 @pytest.mark.parametrize("spec,shape,axes,size", [
@@ -53,11 +61,11 @@ def test_input_channel_groups_norms_and_prox_by_hand():
   v[:, :, 1, :] = 0.5    # 2
   v[0, 0, 2, 0] = -3.0   # 3 (a single entry)
   pe = _resolve(osl.conv_input_channels(), v.shape)
-  n = osl.group_norms(jnp.asarray(v), pe.reduce_axes)
+  n = group_norms(jnp.asarray(v), pe.reduce_axes)
   assert n.shape == (1, 1, 3, 1)
   np.testing.assert_allclose(np.ravel(n), [1.0, 2.0, 3.0], rtol=1e-6)
   # λ = 1.5: channel 0 (norm 1) → 0; channel 1 scaled by 1 − 1.5/2 = 1/4; channel 2 by 1/2.
-  out = np.asarray(osl.prox(jnp.asarray(v), pe, 1.5))
+  out = np.asarray(_prox(jnp.asarray(v), osl.conv_input_channels(), 1.5))
   want = np.zeros_like(v)
   want[:, :, 1, :] = 0.125
   want[0, 0, 2, 0] = -1.5
@@ -68,14 +76,14 @@ def test_dense_neuron_and_input_groups_by_hand():
   v = np.array([[3.0, 0.0, 1.0],
                 [4.0, 0.0, 0.0]], np.float32)      # columns: norms 5, 0, 1; rows: √10, 4
   neurons = _resolve(osl.dense_neurons(), v.shape)
-  np.testing.assert_allclose(np.ravel(osl.group_norms(jnp.asarray(v), neurons.reduce_axes)),
+  np.testing.assert_allclose(np.ravel(group_norms(jnp.asarray(v), neurons.reduce_axes)),
                              [5.0, 0.0, 1.0], rtol=1e-6)
-  np.testing.assert_allclose(osl.prox(jnp.asarray(v), neurons, 2.0),
+  np.testing.assert_allclose(_prox(jnp.asarray(v), osl.dense_neurons(), 2.0),
                              [[1.8, 0.0, 0.0], [2.4, 0.0, 0.0]], rtol=1e-6)  # 5 → ×0.6
   inputs = _resolve(osl.dense_inputs(), v.shape)
-  np.testing.assert_allclose(np.ravel(osl.group_norms(jnp.asarray(v), inputs.reduce_axes)),
+  np.testing.assert_allclose(np.ravel(group_norms(jnp.asarray(v), inputs.reduce_axes)),
                              [math.sqrt(10), 4.0], rtol=1e-6)
-  np.testing.assert_allclose(osl.prox(jnp.asarray(v), inputs, 2.0),
+  np.testing.assert_allclose(_prox(jnp.asarray(v), osl.dense_inputs(), 2.0),
                              [[3 * (1 - 2 / math.sqrt(10)), 0, 1 - 2 / math.sqrt(10)],
                               [2.0, 0.0, 0.0]], rtol=1e-5)
 
@@ -84,12 +92,14 @@ def test_attention_head_groups_and_normalized_threshold():
   v = np.zeros((4, 3, 2), np.float32)   # (d_model, heads, head_dim)
   v[:, 0, :] = 1.0                      # head 0: √8
   v[1, 2, 1] = 2.0                      # head 2: 2
-  pe = _resolve(osl.attention_heads(lam=0.5, normalized=True), v.shape)
-  np.testing.assert_allclose(np.ravel(osl.group_norms(jnp.asarray(v), pe.reduce_axes)),
+  spec = osl.attention_heads(lam=0.5, normalized=True)
+  pe = _resolve(spec, v.shape)
+  np.testing.assert_allclose(np.ravel(group_norms(jnp.asarray(v), pe.reduce_axes)),
                              [math.sqrt(8), 0.0, 2.0], rtol=1e-6)
   # Threshold λ√d = 0.5·√8 = √2: head 0 scaled 1 − √2/√8 = 1/2, head 2 by 1 − √2/2.
-  assert pe.threshold(1.0) == pytest.approx(math.sqrt(2))
-  out = np.asarray(osl.prox(jnp.asarray(v), pe, 1.0))
+  resolved = resolve_penalties({"w": spec}, {"w": jnp.asarray(v)})["w"]
+  assert resolved.threshold(1.0) == pytest.approx(math.sqrt(2))
+  out = np.asarray(_prox(jnp.asarray(v), spec, 1.0))
   want = np.zeros_like(v)
   want[:, 0, :] = 0.5
   want[1, 2, 1] = 2.0 * (1 - math.sqrt(2) / 2)

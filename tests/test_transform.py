@@ -140,7 +140,8 @@ def test_matches_numpy_reference(case, store_gamma, update_form):
   opts.update(CASES[case])
   steps = 25
   w0, coef, target = _make_problem()
-  jax_hist = _run_jax(sl.splitlbi(**opts, store_gamma=store_gamma), w0, coef, target, steps)
+  jax_hist = _run_jax(sl.splitlbi(**opts, store_gamma=store_gamma, xla_cpu_form=update_form),
+                      w0, coef, target, steps)
 
   lr = opts["learning_rate"]
   kinds = dict(DEFAULT_KINDS)
@@ -453,14 +454,47 @@ def test_update_without_params_raises():
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(kappa=0.0), "kappa"), (dict(kappa=-1.0), "kappa"), (dict(nu=0.0), "nu"),
+    (dict(learning_rate="0.1"), "learning_rate"), (dict(learning_rate=None), "learning_rate"),
+    (dict(learning_rate=[0.1]), "learning_rate"), (dict(learning_rate=-0.1), "learning_rate"),
+    (dict(kappa="1"), "kappa"), (dict(kappa=0.0), "kappa"), (dict(kappa=-1.0), "kappa"), (dict(nu=0.0), "nu"),
     (dict(lam=-0.1), "lam"), (dict(momentum=1.0), "momentum"),
     (dict(momentum=-0.1), "momentum"), (dict(weight_decay=-1.0), "weight_decay"),
     (dict(coupling="inside"), "coupling"), (dict(nu=float("nan")), "nu"),
 ])
 def test_invalid_hyperparameters_raise(kwargs, name):
-  with pytest.raises(ValueError, match=name):
-    sl.splitlbi(0.1, **kwargs)
+  kwargs = {"learning_rate": 0.1, **kwargs}
+  with pytest.raises(ValueError, match=f"splitlbi: {name}"):
+    sl.splitlbi(**kwargs)
+
+
+def test_mismatched_trees_and_shapes_name_the_argument_and_leaf():
+  params, grads = _small()
+  tx = sl.splitlbi(0.1)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"splitlbi: grads \(updates\) and params have "
+                                       "different tree structures"):
+    tx.update({"conv": grads["conv"]}, state, params)
+  bad = {**grads, "conv": {**grads["conv"], "kernel": jnp.zeros((3, 3, 2, 5))}}
+  with pytest.raises(ValueError, match=r"'conv/kernel' has shape \(3, 3, 2, 5\) in grads"):
+    tx.update(bad, state, params)
+  other = {"conv": params["conv"], "dense2": params["dense"]}
+  with pytest.raises(ValueError, match="state.momentum and params have different tree"):
+    tx.update(jax.tree.map(jnp.zeros_like, other), state, other)
+  wider = {**params, "dense": {**params["dense"], "kernel": jnp.zeros((6, 5))}}
+  with pytest.raises(ValueError, match=r"'dense/kernel' has shape \(6, 3\) in state.momentum"):
+    tx.update(jax.tree.map(jnp.zeros_like, wider), state, wider)
+  lasso_state = sl.splitlbi(0.1, penalty="lasso").init(params)
+  with pytest.raises(ValueError, match="'conv/bias'.*penalty layout"):
+    tx.update(grads, lasso_state, params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64, jnp.bool_])
+def test_penalized_leaf_must_be_real_floating(dtype):
+  params = {"w": jnp.zeros((4, 3), dtype), "b": jnp.zeros(3)}
+  with pytest.raises(ValueError, match="splitlbi: params leaf 'w' has dtype"):
+    sl.splitlbi(0.1).init(params)
+  # Unpenalized, the same leaf is accepted by init.
+  sl.splitlbi(0.1, penalty={"w": None, "b": None}).init(params)
 
 
 @pytest.mark.parametrize("penalty, leaf", [
