@@ -1,0 +1,336 @@
+"""Measurement sections of ``benchmarks.device_check``, each run in its own process.
+
+``python -m benchmarks.device_workers {update,train} --json F --deadline T
+[--model M] [--smoke]`` writes its results to F after every finished unit (a
+tree, an optimizer), so a section killed at its time limit still reports what
+it measured. After the wall-clock ``deadline`` (seconds since the epoch) no new
+unit is started; the units left are listed under ``"skipped"``.
+
+Timing on an accelerator: the calls are asynchronous, so one timed *sample* is
+``calls`` consecutive calls (each consuming the previous call's donated
+outputs) followed by ``jax.block_until_ready``, divided by ``calls``; ``calls``
+is chosen per candidate after warm-up so that a sample lasts about
+``SAMPLE_S``. Candidates are timed round-robin in shuffled order
+(:func:`benchmarks.common.interleaved`); medians and IQRs over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import time
+import traceback
+
+import jax
+
+from benchmarks import common, optimizers, shapes
+
+UPDATE_OPTS = ("sgd", "splitlbi", "splitlbi_lean", "adamw")
+TRAIN_OPTS = ("sgd", "splitlbi_lean", "splitlbi")  # increasing state: see _train_memory
+SAMPLE_S = 0.03   # target duration of one timed sample (many calls on GPU)
+SMOKE_SAMPLE_S = 0.003
+MAX_CALLS = 200
+# Trees of the update section: name -> (tree factory, rounds).
+UPDATE_TREES = {"ResNet-50": (shapes.resnet50, 15), "VGG-16": (shapes.vgg16, 15),
+                "Transformer-1.3B": (shapes.transformer, 9)}
+SMOKE_TREES = {"Transformer-tiny": (lambda: shapes.transformer(2, 32, 4, 100, 16), 3)}
+COPY_BYTES, SMOKE_COPY_BYTES = 2**30, 2**22
+# Train-step models (Table 6 of the paper): key -> (model, input shape, batch, classes, rounds).
+TRAIN_MODELS = {"ResNet-20": ("resnet20", (32, 32, 3), 128, 10, 12),
+                "ResNet-18": ("resnet18", (224, 224, 3), 256, 1000, 8)}
+SMOKE_TRAIN_MODELS = {"DigitsCNN": ("digits_cnn", (8, 8, 1), 8, 10, 3)}
+MEMORY_STEPS = 3  # steps run per optimizer before reading the peak device memory
+
+
+class RepeatStepper(common.Stepper):
+  """A :class:`common.Stepper` whose sample is ``calls`` chained calls, then one sync."""
+
+  calls = 1
+
+  def run(self) -> float:
+    t0 = time.perf_counter()
+    state = self.state
+    for _ in range(self.calls):
+      state = tuple(self.fn(*state, *self.const))
+    jax.block_until_ready(state)
+    self.state = state
+    return (time.perf_counter() - t0) / self.calls
+
+
+def calibrate(steppers: dict, target_s: float | None = None) -> dict[str, int]:
+  """Warms every stepper up and sets its ``calls`` so a sample lasts ~``target_s``
+  (default :data:`SAMPLE_S`)."""
+  target_s = SAMPLE_S if target_s is None else target_s
+  for s in steppers.values():
+    s.calls = 1
+    s.run()
+    per_call = min(s.run(), s.run())
+    s.calls = max(1, min(MAX_CALLS, math.ceil(target_s / max(per_call, 1e-7))))
+  return {n: s.calls for n, s in steppers.items()}
+
+
+def device_info() -> dict:
+  """Backend, device kind, memory limit and versions, as this process sees them."""
+  info = common.machine_info()
+  stats = common.device_memory_stats() or {}
+  info["bytes_limit"] = stats.get("bytes_limit")
+  info["default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
+  return info
+
+
+def _past(deadline: float, reserve_s: float = 0.0) -> bool:
+  return time.time() + reserve_s > deadline
+
+
+def _free() -> None:
+  gc.collect()
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def state_bytes_moved(opt, tree) -> int:
+  """3·(param bytes) + 2·(bytes of the state's arrays): each update reads W, g and the
+  state and writes W and the state (the count of :func:`optimizers.bytes_moved`)."""
+  state = jax.eval_shape(opt.init, tree)
+  sbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)
+               if len(x.shape) > 0)
+  return 3 * shapes.num_bytes(tree) + 2 * sbytes
+
+
+def update_bytes(name: str, tree, opt) -> int:
+  """Compulsory bytes of one update: :func:`optimizers.bytes_moved`, or
+  :func:`state_bytes_moved` if the penalty resolution that one uses changed."""
+  try:
+    return optimizers.bytes_moved(name, tree)
+  except Exception:  # pylint: disable=broad-except
+    return state_bytes_moved(opt, tree)
+
+
+def _update_stepper(name: str, tree, grads) -> tuple[RepeatStepper, float]:
+  opt = optimizers.make(name)
+  params = shapes.materialize(tree, seed=0)
+  state = opt.init(params)
+  compile_s, compiled = common.compile_time(optimizers.update_step(opt), params, state, grads)
+  return RepeatStepper(compiled, (params, state), (grads,)), compile_s
+
+
+def _fits_at_once(tree, opts, copy_bytes: int) -> bool:
+  """Whether all optimizers' params + state, the grads and the copy fit in ~60% of memory."""
+  limit = (common.device_memory_stats() or {}).get("bytes_limit")
+  if not limit:
+    return True
+  p = shapes.num_bytes(tree)
+  need = p + copy_bytes + sum(p + (update_bytes(o, tree, optimizers.make(o)) - 3 * p) // 2
+                              for o in opts)
+  return need < 0.6 * limit
+
+
+def _time_group(names, tree, grads, rounds, copy_bytes) -> tuple[dict, dict, dict]:
+  """Times ``names`` interleaved with a copy; returns (times, calls, compile_s)."""
+  steppers, compile_s = {}, {}
+  for n in names:
+    steppers[n], compile_s[n] = _update_stepper(n, tree, grads)
+  copy, _ = common.copy_stepper(copy_bytes)
+  steppers["copy"] = RepeatStepper(copy.fn, copy.state)
+  calls = calibrate(steppers)
+  times = common.interleaved(steppers, rounds, warmup=1)
+  del steppers, copy
+  _free()
+  return times, calls, compile_s
+
+
+def bench_update_tree(tree, rounds: int, copy_bytes: int, deadline: float) -> dict:
+  """All optimizers on one tree: times, bytes, bandwidth fraction, ratio to SGD."""
+  grads = shapes.materialize(tree, seed=1)
+  together = _fits_at_once(tree, UPDATE_OPTS, copy_bytes)
+  groups = [UPDATE_OPTS] if together else [(o,) for o in UPDATE_OPTS]
+  out = {"params": shapes.num_params(tree), "param_bytes": shapes.num_bytes(tree),
+         "leaves": len(jax.tree.leaves(tree)), "interleaved": "all" if together else
+         "each optimizer with the copy, one at a time (memory)", "opts": {}, "skipped": []}
+  for group in groups:
+    if _past(deadline):
+      out["skipped"].extend(group)
+      continue
+    times, calls, compile_s = _time_group(group, tree, grads, rounds, copy_bytes)
+    copy = common.stats(times.pop("copy"))
+    bw = 2 * (copy_bytes // 4) * 4 / copy["median"]
+    for n in group:
+      st, moved = common.stats(times[n]), update_bytes(n, tree, optimizers.make(n))
+      out["opts"][n] = {**st, "bytes": moved, "calls_per_sample": calls[n],
+                        "compile_s": compile_s[n], "copy_bandwidth": bw,
+                        "achieved_bandwidth": moved / st["median"],
+                        "fraction_of_copy_bandwidth": moved / bw / st["median"]}
+  sgd = out["opts"].get("sgd", {}).get("median")
+  for o in out["opts"].values():
+    o["ratio_vs_sgd"] = o["median"] / sgd if sgd else None
+  del grads
+  _free()
+  return out
+
+
+def measure_copy(copy_bytes: int, rounds: int = 20) -> dict:
+  """Device copy bandwidth: donated ``x + 1`` over ``copy_bytes`` (read + write counted)."""
+  copy, moved = common.copy_stepper(copy_bytes)
+  stepper = RepeatStepper(copy.fn, copy.state)
+  calls = calibrate({"copy": stepper})["copy"]
+  st = common.stats([stepper.run() for _ in range(rounds)])
+  return {**st, "bytes": moved, "bandwidth": moved / st["median"], "calls_per_sample": calls}
+
+
+def run_update(smoke: bool, deadline: float, write) -> dict:
+  res = {"info": device_info(), "trees": {}, "skipped": [], "errors": {}}
+  copy_bytes = SMOKE_COPY_BYTES if smoke else COPY_BYTES
+  res["copy"] = measure_copy(copy_bytes)
+  write(res)
+  for name, (factory, rounds) in (SMOKE_TREES if smoke else UPDATE_TREES).items():
+    if _past(deadline, 5.0):
+      res["skipped"].append(name)
+      continue
+    try:
+      res["trees"][name] = bench_update_tree(factory(), rounds, copy_bytes, deadline)
+      o = res["trees"][name]["opts"]
+      print(f"[update] {name}: " + ", ".join(
+          f"{n} {v['median'] * 1e3:.3f} ms ({v['fraction_of_copy_bandwidth']:.2f} of copy BW)"
+          for n, v in o.items()), flush=True)
+    except Exception:  # pylint: disable=broad-except
+      res["errors"][name] = traceback.format_exc()[-3000:]
+      print(f"[update] {name} failed:\n{res['errors'][name]}", flush=True)
+    _free()
+    write(res)
+  return res
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def _train_memory(model, init, x, y, opt_name, out) -> object:
+  """Compiles the train step, runs MEMORY_STEPS steps, records peak device memory.
+
+  ``peak_bytes_in_use`` never decreases within a process, so optimizers run
+  here in order of increasing state (SGD, lean, default) with the previous
+  one's buffers freed; a peak that did not rise is marked as an upper bound.
+  """
+  from benchmarks import train_step  # pylint: disable=import-outside-toplevel
+  opt = optimizers.make(opt_name)
+  params, bs = init()
+  state = opt.init(params)
+  before = common.device_memory_stats() or {}
+  compile_s, compiled = common.compile_time(train_step.make_train_step(model, opt),
+                                            params, bs, state, x, y)
+  for _ in range(MEMORY_STEPS):
+    params, bs, state = compiled(params, bs, state, x, y)
+  jax.block_until_ready((params, bs, state))
+  after = common.device_memory_stats() or {}
+  rec = {"compile_s": compile_s, "memory_analysis": common.memory_analysis(compiled),
+         "state_bytes": common.tree_bytes(state), "param_bytes": common.tree_bytes(params),
+         "bytes_in_use_after": after.get("bytes_in_use")}
+  if "peak_bytes_in_use" in after:
+    rec["peak_bytes_in_use"] = after["peak_bytes_in_use"]
+    rec["peak_rose"] = after["peak_bytes_in_use"] > before.get("peak_bytes_in_use", 0)
+  out[opt_name] = rec
+  del params, bs, state
+  _free()
+  return compiled
+
+
+def _train_timing(compiled: dict, init, x, y, rounds: int) -> dict:
+  steppers = {}
+  for name, fn in compiled.items():
+    params, bs = init()
+    steppers[name] = RepeatStepper(fn, (params, bs, optimizers.make(name).init(params)), (x, y))
+  calls = calibrate(steppers)
+  times = common.interleaved(steppers, rounds, warmup=1)
+  out = {n: {**common.stats(t), "calls_per_sample": calls[n]} for n, t in times.items()}
+  if "sgd" in times:
+    for n, t in times.items():
+      out[n]["ratio_vs_sgd"] = out[n]["median"] / out["sgd"]["median"]
+      out[n]["paired_ratio"] = common.stats([a / b for a, b in zip(t, times["sgd"])])
+  del steppers
+  _free()
+  return out
+
+
+def _drop_if_short(todo: list[str], est_compile_s: float, deadline: float) -> list[str]:
+  """Drops lean SplitLBI (lowest priority) if the time left cannot hold every compile."""
+  if "splitlbi_lean" in todo and _past(deadline, est_compile_s * len(todo) + 15.0):
+    return [o for o in todo if o != "splitlbi_lean"]
+  return todo
+
+
+def bench_train_model(spec: tuple, deadline: float) -> dict:
+  """One model: peak memory per optimizer (sequential), then interleaved step times."""
+  from benchmarks import train_step  # pylint: disable=import-outside-toplevel
+  model_name, shape, batch, classes, rounds = spec
+  model, params, bs, x, y = train_step.build(model_name, shape, batch, num_classes=classes)
+  host = jax.device_get((params, bs))  # fresh device copies per optimizer, none kept around
+  del params, bs
+  _free()
+  init = lambda: jax.device_put(host)  # noqa: E731
+  out = {"model": model_name, "batch": batch, "input_shape": list(shape),
+         "params": sum(math.prod(p.shape) for p in jax.tree.leaves(host[0])),
+         "memory": {}, "skipped": []}
+  compiled, todo, est = {}, list(TRAIN_OPTS), 0.0
+  while todo:
+    todo = _drop_if_short(todo, est, deadline) if compiled else todo
+    name = todo.pop(0)
+    if _past(deadline, est + 5.0):
+      out["skipped"].extend([name, *todo])
+      break
+    compiled[name] = _train_memory(model, init, x, y, name, out["memory"])
+    est = max(est, out["memory"][name]["compile_s"])
+  out["skipped"].extend(o for o in TRAIN_OPTS if o not in compiled and o not in out["skipped"])
+  if compiled and not _past(deadline, 3.0):
+    out["timing"] = _train_timing(compiled, init, x, y, rounds)
+  elif compiled:
+    out["skipped"].append("timing")
+  return out
+
+
+def run_train(model_key: str, smoke: bool, deadline: float, write) -> dict:
+  models = SMOKE_TRAIN_MODELS if smoke else TRAIN_MODELS
+  res = {"info": device_info(), "model_key": model_key}
+  write(res)
+  try:
+    res["result"] = bench_train_model(models[model_key], deadline)
+    t = res["result"].get("timing", {})
+    print(f"[train] {model_key}: " + ", ".join(
+        f"{n} {v['median'] * 1e3:.2f} ms (x{v.get('ratio_vs_sgd') or float('nan'):.3f})"
+        for n, v in t.items()), flush=True)
+  except Exception:  # pylint: disable=broad-except
+    res["error"] = traceback.format_exc()[-3000:]
+    print(f"[train] {model_key} failed:\n{res['error']}", flush=True)
+  write(res)
+  return res
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("section", choices=("update", "train"))
+  ap.add_argument("--json", required=True)
+  ap.add_argument("--deadline", type=float, required=True, help="seconds since the epoch")
+  ap.add_argument("--model", default=None, help="train: a key of TRAIN_MODELS")
+  ap.add_argument("--smoke", action="store_true")
+  a = ap.parse_args(argv)
+  if a.smoke:
+    global SAMPLE_S  # pylint: disable=global-statement
+    SAMPLE_S = SMOKE_SAMPLE_S
+
+  def write(res: dict) -> None:
+    tmp = a.json + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(res, f, default=str)
+    os.replace(tmp, a.json)
+
+  print(f"[{a.section}] backend {jax.default_backend()}, devices {jax.devices()}", flush=True)
+  if a.section == "update":
+    run_update(a.smoke, a.deadline, write)
+  else:
+    run_train(a.model, a.smoke, a.deadline, write)
+
+
+if __name__ == "__main__":
+  main()
