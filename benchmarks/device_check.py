@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -58,35 +59,20 @@ TEST_FILES = ("tests/test_transform.py", "tests/test_memory_modes.py", "tests/te
 TEST_K = "not fused"
 # CI smoke run: one NumPy-reference case and the prox hand values.
 SMOKE_K = "(test_matches_numpy_reference and default and stored) or hand_values"
-HYPOTHESIS_EXAMPLES = 30
+HYPOTHESIS_EXAMPLES = 20
+TEST_WORKERS = 4  # pytest-xdist processes on the device (sharing the GPU; no preallocation)
 # ---------------------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Section -> longest wall time (s) it may take on the device; the budget trims it.
-CAPS = {"tests": 150, "update": 120, "train ResNet-20": 75, "train ResNet-18": 170}
+CAPS = {"tests": 120, "update": 100, "train ResNet-18": 150, "train ResNet-20": 60}
 SMOKE_CAPS = {"tests": 120, "update": 120, "train DigitsCNN": 120}
 MIN_SECTION_S = 20.0  # a section is not started with less time left than this
 GRACE_S = 25.0        # a worker may overrun its deadline by this before it is killed
+MEMORY_RESERVE_S = 25.0  # of a train section, kept for its memory process
 LOG_LIMIT = 15 * 2**20
 VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin",
             "flax", "optax", "chex", "numpy", "pytest", "hypothesis")
-
-# Runs pytest in a fresh process after registering the "device" hypothesis profile.
-_PYTEST_WRAPPER = r"""
-import sys
-from hypothesis import settings
-settings.register_profile("device", max_examples=int(sys.argv[1]), deadline=None,
-                          derandomize=True)
-import pytest
-
-class _Report:
-  def pytest_sessionfinish(self):
-    import jax
-    print("\nDEVICE_CHECK_BACKEND", jax.default_backend(), jax.devices()[0].device_kind, flush=True)
-
-sys.exit(pytest.main(sys.argv[2:], plugins=[_Report()]))
-"""
-
 
 class Log:
   """Prints to stdout and appends to ``log_main.txt`` in the output folder."""
@@ -183,56 +169,90 @@ def parse_junit(path: str) -> dict | None:
   return {**counts, "failures": failures}
 
 
+_SERIAL_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)")
+_XDIST_LINE = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED) (\S+::\S+)")
+_OUTCOME = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped"}
+
+
 def parse_verbose_log(text: str) -> dict:
-  """Fallback for a run cut short (no JUnit file): counts ``-v`` lines of pytest."""
+  """Fallback for a run cut short (no JUnit file): counts pytest's ``-v`` lines
+  (``path::name OUTCOME`` serially, ``[gwN] [ P%] OUTCOME path::name`` with xdist)."""
   counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
   failures = []
-  for m in re.finditer(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", text, re.M):
-    key = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped"}
-    counts[key[m.group(2)]] += 1
-    if m.group(2) in ("FAILED", "ERROR"):
-      failures.append(m.group(1))
+  for line in text.splitlines():
+    m = _SERIAL_LINE.match(line)
+    name, outcome = (m.group(1), m.group(2)) if m else (None, None)
+    m = None if m else _XDIST_LINE.match(line)
+    if m:
+      name, outcome = m.group(2), m.group(1)
+    if name is None:
+      continue
+    counts[_OUTCOME[outcome]] += 1
+    if outcome in ("FAILED", "ERROR"):
+      failures.append(name)
   return {**counts, "failures": failures}
 
 
-def run_tests(out: str, deadline: float, smoke: bool) -> dict:
-  """The correctness tests in a fresh process on the default backend."""
-  junit, log = os.path.join(out, "junit_tests.xml"), os.path.join(out, "log_tests.txt")
-  k = SMOKE_K if smoke else TEST_K
-  args = [*TEST_FILES, "-k", k, "-vv", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", HYPOTHESIS_PROFILE="device")
+def _pytest_args(k: str, junit: str, workers: int) -> list[str]:
+  args = [*TEST_FILES, "-k", k, "-vv", "-p", "no:cacheprovider", f"--junitxml={junit}",
+          "-p", "benchmarks.device_pytest_plugin"]
+  return args + (["-n", str(workers)] if workers > 1 else [])
+
+
+def _pytest_run(args: list[str], log: str, deadline: float) -> dict:
+  """One pytest process; its counts from the JUnit file (or the log if it was cut short)."""
+  junit = next(a.split("=", 1)[1] for a in args if a.startswith("--junitxml="))
+  if os.path.exists(junit):
+    os.remove(junit)
+  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", HYPOTHESIS_PROFILE="device",
+             DEVICE_CHECK_HYPOTHESIS_EXAMPLES=str(HYPOTHESIS_EXAMPLES),
+             XLA_PYTHON_CLIENT_PREALLOCATE="false")  # several test processes share the GPU
   env.setdefault("JAX_PLATFORMS", "")  # tests/conftest.py would otherwise pin the CPU
-  cmd = [sys.executable, "-c", _PYTEST_WRAPPER, str(HYPOTHESIS_EXAMPLES), *args]
+  cmd = [sys.executable, "-m", "pytest", *args]
+  start = os.path.getsize(log) if os.path.exists(log) else 0
   run = _run_logged(cmd, log, deadline - time.time(), env)
-  text = _tail(log, 10**7)
+  text = _tail(log, 10**8)[start:]
   counts = (None if run["timed_out"] else parse_junit(junit)) or parse_verbose_log(text)
   backend = re.search(r"^DEVICE_CHECK_BACKEND (\S+) (.*)$", text, re.M)
   m = re.search(r"(\d+) deselected", text)
-  res = {**run, **counts, "selection": {"files": list(TEST_FILES), "k": k},
-         "deselected": int(m.group(1)) if m else 0,
-         "backend": backend.group(1) if backend else None,
-         "device_kind": backend.group(2).strip() if backend else None,
-         "env": {"JAX_DEFAULT_MATMUL_PRECISION": "highest",
-                 "hypothesis max_examples": HYPOTHESIS_EXAMPLES}}
   complete = run["rc"] in (0, 1) and counts["passed"] + counts["failed"] + counts["errors"] > 0
-  res["status"] = ("timeout" if run["timed_out"] else "ok" if complete
-                   else f"pytest exit code {run['rc']}")
-  if not complete:
+  return {**run, **counts, "deselected": int(m.group(1)) if m else 0,
+          "backend": backend.group(1) if backend else None,
+          "device_kind": backend.group(2).strip() if backend else None,
+          "status": ("timeout" if run["timed_out"] else "ok" if complete
+                     else f"pytest exit code {run['rc']}"), "text": text}
+
+
+def run_tests(out: str, deadline: float, smoke: bool) -> dict:
+  """The correctness tests in fresh processes on the default backend: with
+  :data:`TEST_WORKERS` pytest-xdist workers where installed, else (or if that run
+  broke down) in one process."""
+  junit, log = os.path.join(out, "junit_tests.xml"), os.path.join(out, "log_tests.txt")
+  k = SMOKE_K if smoke else TEST_K
+  workers = TEST_WORKERS if not smoke and importlib.util.find_spec("xdist") else 1
+  res = _pytest_run(_pytest_args(k, junit, workers), log, deadline)
+  if workers > 1 and res["status"] not in ("ok", "timeout") and deadline - time.time() > 30:
+    res = {**_pytest_run(_pytest_args(k, junit, 1), log, deadline),
+           "first_try": f"{workers} workers: {res['status']}"}
+    workers = 1
+  text = res.pop("text")
+  if res["status"] != "ok":
     res["log_tail"] = text[-2500:]
+  res.update(selection={"files": list(TEST_FILES), "k": k}, workers=workers,
+             env={"JAX_DEFAULT_MATMUL_PRECISION": "highest",
+                  "hypothesis max_examples": HYPOTHESIS_EXAMPLES})
   return res
 
 
 # ----------------------------------------------------------------------------- benchmarks
 
 
-def run_worker(section: str, out: str, deadline: float, smoke: bool, log_name: str,
-               model: str | None = None) -> dict:
+def run_worker(section: str, out: str, deadline: float, log_name: str, extra: list[str]) -> dict:
   """Runs ``benchmarks.device_workers`` in a fresh process; returns its JSON and status."""
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "res.json")
     cmd = [sys.executable, "-m", "benchmarks.device_workers", section, "--json", path,
-           "--deadline", f"{deadline:.1f}"]
-    cmd += (["--model", model] if model else []) + (["--smoke"] if smoke else [])
+           "--deadline", f"{deadline:.1f}", *extra]
     log = os.path.join(out, log_name)
     run = _run_logged(cmd, log, deadline - time.time() + GRACE_S)
     try:
@@ -248,15 +268,36 @@ def run_worker(section: str, out: str, deadline: float, smoke: bool, log_name: s
   return res
 
 
+def run_train(key: str, out: str, deadline: float, smoke: bool) -> dict:
+  """Train-step timing of one model, then its peak memory in a second process that
+  loads the compiled steps from a shared compilation cache (no autotuning there)."""
+  base = ["--model", key] + (["--smoke"] if smoke else [])
+  with tempfile.TemporaryDirectory(prefix="device_check_cache_") as cache:
+    base += ["--cache-dir", cache]
+    res = run_worker("train", out, deadline - MEMORY_RESERVE_S, "log_train.txt", base)
+    opts = list((res.get("result") or {}).get("compile", {}))
+    if not opts:
+      res["memory_run"] = {"status": "skipped: nothing compiled"}
+      return res
+    mem = run_worker("memory", out, deadline, "log_train.txt", base + ["--opts", ",".join(opts)])
+  res["memory_run"] = {k: mem.get(k) for k in ("status", "rc", "wall_s", "timed_out", "error",
+                                                "log_tail") if k in mem}
+  res.setdefault("result", {})["memory"] = (mem.get("result") or {}).get("memory", {})
+  res["result"]["memory_skipped"] = (mem.get("result") or {}).get("skipped", [])
+  res["wall_s"] = res.get("wall_s", 0) + mem.get("wall_s", 0)
+  return res
+
+
 def plan(smoke: bool) -> list[tuple[str, float, object]]:
   """(section name, cap in s, runner(out, deadline)) in the order they run."""
   caps = SMOKE_CAPS if smoke else CAPS
+  update_args = ["--smoke"] if smoke else []
   sections = [("tests", lambda out, dl: run_tests(out, dl, smoke)),
-              ("update", lambda out, dl: run_worker("update", out, dl, smoke, "log_update.txt"))]
+              ("update", lambda out, dl: run_worker("update", out, dl, "log_update.txt",
+                                                     update_args))]
   from benchmarks import device_workers as dw  # pylint: disable=import-outside-toplevel
   for key in (dw.SMOKE_TRAIN_MODELS if smoke else dw.TRAIN_MODELS):
-    sections.append((f"train {key}", lambda out, dl, key=key: run_worker(
-        "train", out, dl, smoke, "log_train.txt", model=key)))
+    sections.append((f"train {key}", lambda out, dl, key=key: run_train(key, out, dl, smoke)))
   return [(name, caps[name], fn) for name, fn in sections]
 
 

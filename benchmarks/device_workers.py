@@ -29,7 +29,8 @@ import jax
 from benchmarks import common, optimizers, shapes
 
 UPDATE_OPTS = ("sgd", "splitlbi", "splitlbi_lean", "adamw")
-TRAIN_OPTS = ("sgd", "splitlbi_lean", "splitlbi")  # increasing state: see _train_memory
+TRAIN_OPTS = ("sgd", "splitlbi", "splitlbi_lean")  # priority order (lean dropped first)
+MEMORY_ORDER = ("sgd", "splitlbi_lean", "splitlbi")  # increasing state: see bench_train_memory
 SAMPLE_S = 0.03   # target duration of one timed sample (many calls on GPU)
 SMOKE_SAMPLE_S = 0.003
 MAX_CALLS = 200
@@ -39,8 +40,9 @@ UPDATE_TREES = {"ResNet-50": (shapes.resnet50, 15), "VGG-16": (shapes.vgg16, 15)
 SMOKE_TREES = {"Transformer-tiny": (lambda: shapes.transformer(2, 32, 4, 100, 16), 3)}
 COPY_BYTES, SMOKE_COPY_BYTES = 2**30, 2**22
 # Train-step models (Table 6 of the paper): key -> (model, input shape, batch, classes, rounds).
-TRAIN_MODELS = {"ResNet-20": ("resnet20", (32, 32, 3), 128, 10, 12),
-                "ResNet-18": ("resnet18", (224, 224, 3), 256, 1000, 8)}
+# ResNet-18 first: when the budget runs short, ResNet-20 (small, cheap) is what is lost.
+TRAIN_MODELS = {"ResNet-18": ("resnet18", (224, 224, 3), 256, 1000, 8),
+                "ResNet-20": ("resnet20", (32, 32, 3), 128, 10, 12)}
 SMOKE_TRAIN_MODELS = {"DigitsCNN": ("digits_cnn", (8, 8, 1), 8, 10, 3)}
 MEMORY_STEPS = 3  # steps run per optimizer before reading the peak device memory
 
@@ -77,7 +79,10 @@ def device_info() -> dict:
   info = common.machine_info()
   stats = common.device_memory_stats() or {}
   info["bytes_limit"] = stats.get("bytes_limit")
-  info["default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
+  try:
+    info["default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
+  except Exception:  # pylint: disable=broad-except
+    info["default_matmul_precision"] = os.environ.get("JAX_DEFAULT_MATMUL_PRECISION")
   return info
 
 
@@ -207,34 +212,44 @@ def run_update(smoke: bool, deadline: float, write) -> dict:
 # ----------------------------------------------------------------------------- train step
 
 
-def _train_memory(model, init, x, y, opt_name, out) -> object:
-  """Compiles the train step, runs MEMORY_STEPS steps, records peak device memory.
+def enable_compilation_cache(cache_dir: str) -> None:
+  """Persistent compilation cache shared by the timing and the memory process.
 
-  ``peak_bytes_in_use`` never decreases within a process, so optimizers run
-  here in order of increasing state (SGD, lean, default) with the previous
-  one's buffers freed; a peak that did not rise is marked as an upper bound.
+  The memory process loads the train steps the timing process compiled, so no
+  autotuning (whose scratch buffers come from the device allocator and would
+  count in ``peak_bytes_in_use``) happens there.
   """
+  for name, value in (("jax_compilation_cache_dir", cache_dir),
+                      ("jax_persistent_cache_min_compile_time_secs", 0.0),
+                      ("jax_persistent_cache_min_entry_size_bytes", -1)):
+    try:
+      jax.config.update(name, value)
+    except Exception as e:  # pylint: disable=broad-except  (then "load s" shows the miss)
+      print(f"[cache] could not set {name}: {e!r}", flush=True)
+
+
+def _build(spec: tuple):
+  """(model, init, x, y, params count): ``init()`` gives fresh device params and stats."""
+  from benchmarks import train_step  # pylint: disable=import-outside-toplevel
+  model_name, shape, batch, classes, _ = spec
+  model, params, bs, x, y = train_step.build(model_name, shape, batch, num_classes=classes)
+  host = jax.device_get((params, bs))  # no device copy kept between optimizers
+  del params, bs
+  _free()
+  count = sum(math.prod(p.shape) for p in jax.tree.leaves(host[0]))
+  return model, lambda: jax.device_put(host), x, y, count
+
+
+def _compile_step(model, init, x, y, opt_name: str):
+  """(compiled train step, lower + compile seconds, static memory, state bytes)."""
   from benchmarks import train_step  # pylint: disable=import-outside-toplevel
   opt = optimizers.make(opt_name)
   params, bs = init()
-  state = opt.init(params)
-  before = common.device_memory_stats() or {}
-  compile_s, compiled = common.compile_time(train_step.make_train_step(model, opt),
-                                            params, bs, state, x, y)
-  for _ in range(MEMORY_STEPS):
-    params, bs, state = compiled(params, bs, state, x, y)
-  jax.block_until_ready((params, bs, state))
-  after = common.device_memory_stats() or {}
-  rec = {"compile_s": compile_s, "memory_analysis": common.memory_analysis(compiled),
-         "state_bytes": common.tree_bytes(state), "param_bytes": common.tree_bytes(params),
-         "bytes_in_use_after": after.get("bytes_in_use")}
-  if "peak_bytes_in_use" in after:
-    rec["peak_bytes_in_use"] = after["peak_bytes_in_use"]
-    rec["peak_rose"] = after["peak_bytes_in_use"] > before.get("peak_bytes_in_use", 0)
-  out[opt_name] = rec
-  del params, bs, state
-  _free()
-  return compiled
+  state = jax.eval_shape(opt.init, params)
+  secs, compiled = common.compile_time(train_step.make_train_step(model, opt),
+                                       params, bs, state, x, y)
+  return compiled, {"compile_s": secs, "memory_analysis": common.memory_analysis(compiled),
+                    "state_bytes": common.tree_bytes(state)}
 
 
 def _train_timing(compiled: dict, init, x, y, rounds: int) -> dict:
@@ -254,52 +269,83 @@ def _train_timing(compiled: dict, init, x, y, rounds: int) -> dict:
   return out
 
 
-def _drop_if_short(todo: list[str], est_compile_s: float, deadline: float) -> list[str]:
-  """Drops lean SplitLBI (lowest priority) if the time left cannot hold every compile."""
-  if "splitlbi_lean" in todo and _past(deadline, est_compile_s * len(todo) + 15.0):
-    return [o for o in todo if o != "splitlbi_lean"]
-  return todo
-
-
 def bench_train_model(spec: tuple, deadline: float) -> dict:
-  """One model: peak memory per optimizer (sequential), then interleaved step times."""
-  from benchmarks import train_step  # pylint: disable=import-outside-toplevel
-  model_name, shape, batch, classes, rounds = spec
-  model, params, bs, x, y = train_step.build(model_name, shape, batch, num_classes=classes)
-  host = jax.device_get((params, bs))  # fresh device copies per optimizer, none kept around
-  del params, bs
-  _free()
-  init = lambda: jax.device_put(host)  # noqa: E731
-  out = {"model": model_name, "batch": batch, "input_shape": list(shape),
-         "params": sum(math.prod(p.shape) for p in jax.tree.leaves(host[0])),
-         "memory": {}, "skipped": []}
-  compiled, todo, est = {}, list(TRAIN_OPTS), 0.0
-  while todo:
-    todo = _drop_if_short(todo, est, deadline) if compiled else todo
-    name = todo.pop(0)
-    if _past(deadline, est + 5.0):
-      out["skipped"].extend([name, *todo])
+  """Compiles the step for each optimizer (lean last, dropped first when time is short),
+  then times them interleaved."""
+  model, init, x, y, count = _build(spec)
+  out = {"model": spec[0], "batch": spec[2], "input_shape": list(spec[1]), "params": count,
+         "compile": {}, "skipped": []}
+  compiled, est = {}, 0.0
+  for i, name in enumerate(TRAIN_OPTS):
+    if _past(deadline, est * (2 if name == "splitlbi_lean" else 1) + 5.0):
+      out["skipped"].extend(TRAIN_OPTS[i:])
       break
-    compiled[name] = _train_memory(model, init, x, y, name, out["memory"])
-    est = max(est, out["memory"][name]["compile_s"])
-  out["skipped"].extend(o for o in TRAIN_OPTS if o not in compiled and o not in out["skipped"])
+    compiled[name], out["compile"][name] = _compile_step(model, init, x, y, name)
+    est = max(est, out["compile"][name]["compile_s"])
   if compiled and not _past(deadline, 3.0):
-    out["timing"] = _train_timing(compiled, init, x, y, rounds)
+    out["timing"] = _train_timing(compiled, init, x, y, spec[4])
   elif compiled:
     out["skipped"].append("timing")
   return out
 
 
-def run_train(model_key: str, smoke: bool, deadline: float, write) -> dict:
-  models = SMOKE_TRAIN_MODELS if smoke else TRAIN_MODELS
+def _train_memory(model, init, x, y, opt_name: str) -> dict:
+  """Loads (from the cache) and runs MEMORY_STEPS steps of one optimizer; device memory."""
+  opt = optimizers.make(opt_name)
+  compiled, rec = _compile_step(model, init, x, y, opt_name)
+  rec["load_s"] = rec.pop("compile_s")
+  params, bs = init()
+  state = opt.init(params)
+  before = common.device_memory_stats() or {}
+  for _ in range(MEMORY_STEPS):
+    params, bs, state = compiled(params, bs, state, x, y)
+  jax.block_until_ready((params, bs, state))
+  after = common.device_memory_stats() or {}
+  rec["bytes_in_use_after"] = after.get("bytes_in_use")
+  if "peak_bytes_in_use" in after:
+    rec["peak_bytes_in_use"] = after["peak_bytes_in_use"]
+    rec["peak_rose"] = after["peak_bytes_in_use"] > before.get("peak_bytes_in_use", 0)
+  del params, bs, state, compiled
+  _free()
+  return rec
+
+
+def bench_train_memory(spec: tuple, opts, deadline: float) -> dict:
+  """Peak device memory of each optimizer's step, in one process.
+
+  ``peak_bytes_in_use`` never decreases within a process, so the optimizers
+  run in order of increasing state (SGD, lean, default), the previous one's
+  buffers freed; a peak that did not rise is an upper bound (``peak_rose``).
+  """
+  model, init, x, y, _ = _build(spec)
+  out, skipped = {}, []
+  for name in MEMORY_ORDER:
+    if name not in opts:
+      continue
+    if _past(deadline, 3.0):
+      skipped.append(name)
+      continue
+    out[name] = _train_memory(model, init, x, y, name)
+  return {"memory": out, "skipped": skipped}
+
+
+def run_train(model_key: str, smoke: bool, deadline: float, write, opts=None) -> dict:
+  """Timing run (``opts`` None) or memory run (``opts``: the optimizers to load)."""
+  spec = (SMOKE_TRAIN_MODELS if smoke else TRAIN_MODELS)[model_key]
   res = {"info": device_info(), "model_key": model_key}
   write(res)
   try:
-    res["result"] = bench_train_model(models[model_key], deadline)
-    t = res["result"].get("timing", {})
-    print(f"[train] {model_key}: " + ", ".join(
-        f"{n} {v['median'] * 1e3:.2f} ms (x{v.get('ratio_vs_sgd') or float('nan'):.3f})"
-        for n, v in t.items()), flush=True)
+    if opts is None:
+      res["result"] = bench_train_model(spec, deadline)
+      t = res["result"].get("timing", {})
+      print(f"[train] {model_key}: " + ", ".join(
+          f"{n} {v['median'] * 1e3:.2f} ms (x{v.get('ratio_vs_sgd') or float('nan'):.3f})"
+          for n, v in t.items()), flush=True)
+    else:
+      res["result"] = bench_train_memory(spec, opts, deadline)
+      print(f"[memory] {model_key}: " + ", ".join(
+          f"{n} peak {v.get('peak_bytes_in_use')} B" for n, v in res["result"]["memory"].items()),
+          flush=True)
   except Exception:  # pylint: disable=broad-except
     res["error"] = traceback.format_exc()[-3000:]
     print(f"[train] {model_key} failed:\n{res['error']}", flush=True)
@@ -309,15 +355,19 @@ def run_train(model_key: str, smoke: bool, deadline: float, write) -> dict:
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("section", choices=("update", "train"))
+  ap.add_argument("section", choices=("update", "train", "memory"))
   ap.add_argument("--json", required=True)
   ap.add_argument("--deadline", type=float, required=True, help="seconds since the epoch")
-  ap.add_argument("--model", default=None, help="train: a key of TRAIN_MODELS")
+  ap.add_argument("--model", default=None, help="train / memory: a key of TRAIN_MODELS")
+  ap.add_argument("--opts", default=None, help="memory: comma-separated optimizers")
+  ap.add_argument("--cache-dir", default=None, help="persistent compilation cache")
   ap.add_argument("--smoke", action="store_true")
   a = ap.parse_args(argv)
   if a.smoke:
     global SAMPLE_S  # pylint: disable=global-statement
     SAMPLE_S = SMOKE_SAMPLE_S
+  if a.cache_dir:
+    enable_compilation_cache(a.cache_dir)
 
   def write(res: dict) -> None:
     tmp = a.json + ".tmp"
@@ -329,7 +379,8 @@ def main(argv=None) -> None:
   if a.section == "update":
     run_update(a.smoke, a.deadline, write)
   else:
-    run_train(a.model, a.smoke, a.deadline, write)
+    opts = a.opts.split(",") if a.section == "memory" else None
+    run_train(a.model, a.smoke, a.deadline, write, opts)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,22 @@ def test_update_bytes_by_hand(name):
   assert device_workers.state_bytes_moved(optimizers.make(name), tree) == HAND_BYTES[name]
 
 
+def test_update_one_optimizer_at_a_time(monkeypatch):
+  """The path the 1.3B tree takes on a GPU (too big for all optimizers at once)."""
+  monkeypatch.setattr(device_workers, "_fits_at_once", lambda *a: False)
+  monkeypatch.setattr(device_workers, "SAMPLE_S", 1e-3)
+  tree = shapes.transformer(1, 4, 4, 10, 3)
+  r = device_workers.bench_update_tree(tree, rounds=2, copy_bytes=2**16,
+                                       deadline=time.time() + 300)
+  assert r["interleaved"].startswith("each optimizer")
+  assert set(r["opts"]) == set(device_workers.UPDATE_OPTS) and not r["skipped"]
+  for name, o in r["opts"].items():
+    assert o["bytes"] == HAND_BYTES[name] and o["n"] == 2 and o["median"] > 0
+  assert r["opts"]["sgd"]["ratio_vs_sgd"] == 1.0
+  past = device_workers.bench_update_tree(tree, rounds=2, copy_bytes=2**16, deadline=0.0)
+  assert past["opts"] == {} and past["skipped"] == list(device_workers.UPDATE_OPTS)
+
+
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.test_a" name="test_ok" time="0.1"/>
 <testcase classname="tests.test_a" name="test_ok2[x]" time="0.1"/>
@@ -64,10 +80,11 @@ def test_parse_junit_and_verbose_log(tmp_path):
   assert r["failures"] == ["tests.test_a::test_bad", "tests.test_b::test_err"]
   assert device_check.parse_junit(str(tmp_path / "missing.xml")) is None
   log = ("tests/t.py::test_a PASSED [ 33%]\ntests/t.py::test_b[1-x] FAILED [ 66%]\n"
-         "tests/t.py::test_c ERROR [100%]\nsomething PASSED\n")
+         "tests/t.py::test_c ERROR [100%]\nsomething PASSED\n"
+         "[gw0] [ 50%] PASSED tests/u.py::test_d[a-b] \n[gw3] [100%] FAILED tests/u.py::test_e\n")
   r = device_check.parse_verbose_log(log)
-  assert (r["passed"], r["failed"], r["errors"]) == (1, 1, 1)
-  assert r["failures"] == ["tests/t.py::test_b[1-x]", "tests/t.py::test_c"]
+  assert (r["passed"], r["failed"], r["errors"], r["skipped"]) == (2, 2, 1, 0)
+  assert r["failures"] == ["tests/t.py::test_b[1-x]", "tests/t.py::test_c", "tests/u.py::test_e"]
 
 
 def test_failing_test_is_reported_and_sets_exit_code(tmp_path, monkeypatch):
