@@ -156,6 +156,8 @@ def _problems(res: dict) -> list[str]:
       out.extend(f"- {name}: {item} skipped (budget)" for item in sec["skipped"])
     for tree, r in sec.get("trees", {}).items():
       out.extend(f"- {name} {tree}: {o} skipped (budget)" for o in r.get("skipped", []))
+      out.extend(f"- {name} {tree} {o}: error `{e.strip().splitlines()[-1]}`"
+                 for o, e in r.get("errors", {}).items())
     r = sec.get("result") or {}
     out.extend(f"- {name}: {o} skipped (budget)" for o in r.get("skipped", []))
     out.extend(f"- {name}: peak memory of {o} skipped (budget)"

@@ -155,12 +155,18 @@ def bench_update_tree(tree, rounds: int, copy_bytes: int, deadline: float) -> di
   groups = [UPDATE_OPTS] if together else [(o,) for o in UPDATE_OPTS]
   out = {"params": shapes.num_params(tree), "param_bytes": shapes.num_bytes(tree),
          "leaves": len(jax.tree.leaves(tree)), "interleaved": "all" if together else
-         "each optimizer with the copy, one at a time (memory)", "opts": {}, "skipped": []}
+         "each optimizer with the copy, one at a time (memory)", "opts": {}, "skipped": [],
+         "errors": {}}
   for group in groups:
     if _past(deadline):
       out["skipped"].extend(group)
       continue
-    times, calls, compile_s = _time_group(group, tree, grads, rounds, copy_bytes)
+    try:
+      times, calls, compile_s = _time_group(group, tree, grads, rounds, copy_bytes)
+    except Exception:  # pylint: disable=broad-except  (e.g. out of memory: try the next)
+      out["errors"][",".join(group)] = traceback.format_exc()[-3000:]
+      _free()
+      continue
     copy = common.stats(times.pop("copy"))
     bw = 2 * (copy_bytes // 4) * 4 / copy["median"]
     for n in group:
@@ -275,13 +281,15 @@ def bench_train_model(spec: tuple, deadline: float) -> dict:
   model, init, x, y, count = _build(spec)
   out = {"model": spec[0], "batch": spec[2], "input_shape": list(spec[1]), "params": count,
          "compile": {}, "skipped": []}
-  compiled, est = {}, 0.0
+  compiled, last_s = {}, 0.0
   for i, name in enumerate(TRAIN_OPTS):
-    if _past(deadline, est * (2 if name == "splitlbi_lean" else 1) + 5.0):
+    # SGD and SplitLBI are always tried; lean only if another compile like the last fits
+    # (the first compile autotunes the convolutions, later ones reuse that).
+    if _past(deadline, (last_s if name == "splitlbi_lean" else 0.0) + 5.0):
       out["skipped"].extend(TRAIN_OPTS[i:])
       break
     compiled[name], out["compile"][name] = _compile_step(model, init, x, y, name)
-    est = max(est, out["compile"][name]["compile_s"])
+    last_s = out["compile"][name]["compile_s"]
   if compiled and not _past(deadline, 3.0):
     out["timing"] = _train_timing(compiled, init, x, y, spec[4])
   elif compiled:
