@@ -151,7 +151,8 @@ def _problems(res: dict) -> list[str]:
   out = []
   for name, sec in res["sections"].items():
     if sec.get("status") != "ok":
-      out.append(f"- {name}: {sec.get('status')}")
+      last = [x for x in (sec.get("log_tail") or "").splitlines() if x.strip()][-1:]
+      out.append(f"- {name}: {sec.get('status')}" + (f": `{last[0].strip()[:300]}`" if last else ""))
     if isinstance(sec.get("skipped"), list):  # the tests' "skipped" is pytest's count
       out.extend(f"- {name}: {item} skipped (budget)" for item in sec["skipped"])
     for tree, r in sec.get("trees", {}).items():
