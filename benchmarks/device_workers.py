@@ -30,6 +30,7 @@ from benchmarks import common, optimizers, shapes
 
 UPDATE_OPTS = ("sgd", "splitlbi", "splitlbi_lean", "adamw")
 TRAIN_OPTS = ("sgd", "splitlbi", "splitlbi_lean")  # priority order (lean dropped first)
+SMOKE_TRAIN_OPTS = ("sgd", "splitlbi")
 MEMORY_ORDER = ("sgd", "splitlbi_lean", "splitlbi")  # increasing state: see bench_train_memory
 SAMPLE_S = 0.03   # target duration of one timed sample (many calls on GPU)
 SMOKE_SAMPLE_S = 0.003
@@ -37,7 +38,7 @@ MAX_CALLS = 200
 # Trees of the update section: name -> (tree factory, rounds).
 UPDATE_TREES = {"ResNet-50": (shapes.resnet50, 15), "VGG-16": (shapes.vgg16, 15),
                 "Transformer-1.3B": (shapes.transformer, 9)}
-SMOKE_TREES = {"Transformer-tiny": (lambda: shapes.transformer(2, 32, 4, 100, 16), 3)}
+SMOKE_TREES = {"Transformer-tiny": (lambda: shapes.transformer(1, 32, 4, 100, 16), 3)}
 COPY_BYTES, SMOKE_COPY_BYTES = 2**30, 2**22
 # Train-step models (Table 6 of the paper): key -> (model, input shape, batch, classes, rounds).
 # ResNet-18 first: when the budget runs short, ResNet-20 (small, cheap) is what is lost.
@@ -275,18 +276,18 @@ def _train_timing(compiled: dict, init, x, y, rounds: int) -> dict:
   return out
 
 
-def bench_train_model(spec: tuple, deadline: float) -> dict:
+def bench_train_model(spec: tuple, deadline: float, opts: tuple = TRAIN_OPTS) -> dict:
   """Compiles the step for each optimizer (lean last, dropped first when time is short),
   then times them interleaved."""
   model, init, x, y, count = _build(spec)
   out = {"model": spec[0], "batch": spec[2], "input_shape": list(spec[1]), "params": count,
          "compile": {}, "skipped": []}
   compiled, last_s = {}, 0.0
-  for i, name in enumerate(TRAIN_OPTS):
+  for i, name in enumerate(opts):
     # SGD and SplitLBI are always tried; lean only if another compile like the last fits
     # (the first compile autotunes the convolutions, later ones reuse that).
     if _past(deadline, (last_s if name == "splitlbi_lean" else 0.0) + 5.0):
-      out["skipped"].extend(TRAIN_OPTS[i:])
+      out["skipped"].extend(opts[i:])
       break
     compiled[name], out["compile"][name] = _compile_step(model, init, x, y, name)
     last_s = out["compile"][name]["compile_s"]
@@ -344,7 +345,7 @@ def run_train(model_key: str, smoke: bool, deadline: float, write, opts=None) ->
   write(res)
   try:
     if opts is None:
-      res["result"] = bench_train_model(spec, deadline)
+      res["result"] = bench_train_model(spec, deadline, SMOKE_TRAIN_OPTS if smoke else TRAIN_OPTS)
       t = res["result"].get("timing", {})
       print(f"[train] {model_key}: " + ", ".join(
           f"{n} {v['median'] * 1e3:.2f} ms (x{v.get('ratio_vs_sgd') or float('nan'):.3f})"
