@@ -20,14 +20,16 @@ is recorded and the next section runs; device memory peaks stay separate):
    VGG-16 and 1.3B-parameter transformer trees for SplitLBI (default, lean),
    SGD-momentum and AdamW, with the bytes each must move and the fraction of the
    device's copy bandwidth reached (``benchmarks.device_workers``).
-3. ``train ResNet-20`` (batch 128, 32×32×3) and ``train ResNet-18`` (batch 256,
-   224×224×3, 1000 classes): full train step, synthetic data, SGD-momentum vs
-   SplitLBI, peak device memory per optimizer (``memory_stats()``).
+3. ``train ResNet-18`` (batch 256, 224×224×3, 1000 classes), then ``train
+   ResNet-20`` (batch 128, 32×32×3): full train step on synthetic data,
+   SGD-momentum vs SplitLBI (and lean SplitLBI when time allows), interleaved;
+   then peak device memory per optimizer (``memory_stats()``) in a second
+   process that loads the compiled steps from a compilation cache.
 
 A wall-clock budget (``--budget-s``) bounds the run: a section gets at most
 its cap (:data:`CAPS`) and what is left of the budget; sections that cannot
 start are recorded as skipped. Results: ``RESULTS_GPU.md``, ``results_gpu.json``,
-the tests' JUnit XML and one log per section, all in ``--out`` (7 files).
+the tests' JUnit XML and the logs, all in ``--out`` (7 small files).
 
 Exit status: 0 if the correctness tests passed, 1 if any failed or errored,
 2 if they did not run to the end (time-out, crash, nothing selected, skipped).
@@ -73,6 +75,7 @@ MEMORY_RESERVE_S = 25.0  # of a train section, kept for its memory process
 LOG_LIMIT = 15 * 2**20
 VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin",
             "flax", "optax", "chex", "numpy", "pytest", "hypothesis")
+
 
 class Log:
   """Prints to stdout and appends to ``log_main.txt`` in the output folder."""
@@ -134,10 +137,12 @@ def _run_logged(cmd: list[str], log_path: str, timeout_s: float, env: dict | Non
   return {"rc": rc, "wall_s": time.time() - t0, "timed_out": timed_out}
 
 
-def _tail(path: str, chars: int = 2500) -> str:
+def _tail(path: str, chars: int = 2500, start: int = 0) -> str:
+  """The last ``chars`` characters of ``path`` from byte ``start`` on ("" if unreadable)."""
   try:
-    with open(path, errors="replace") as f:
-      return f.read()[-chars:]
+    with open(path, "rb") as f:
+      f.seek(start)
+      return f.read().decode("utf-8", "replace")[-chars:]
   except OSError:
     return ""
 
@@ -195,7 +200,7 @@ def parse_verbose_log(text: str) -> dict:
 
 def _pytest_args(k: str, junit: str, workers: int) -> list[str]:
   args = [*TEST_FILES, "-k", k, "-vv", "-p", "no:cacheprovider", f"--junitxml={junit}",
-          "-p", "benchmarks.device_pytest_plugin"]
+          "-p", "benchmarks.device_pytest_plugin", "--continue-on-collection-errors"]
   return args + (["-n", str(workers)] if workers > 1 else [])
 
 
@@ -211,7 +216,7 @@ def _pytest_run(args: list[str], log: str, deadline: float) -> dict:
   cmd = [sys.executable, "-m", "pytest", *args]
   start = os.path.getsize(log) if os.path.exists(log) else 0
   run = _run_logged(cmd, log, deadline - time.time(), env)
-  text = _tail(log, 10**8)[start:]
+  text = _tail(log, 10**8, start)
   counts = (None if run["timed_out"] else parse_junit(junit)) or parse_verbose_log(text)
   backend = re.search(r"^DEVICE_CHECK_BACKEND (\S+) (.*)$", text, re.M)
   m = re.search(r"(\d+) deselected", text)
