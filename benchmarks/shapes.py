@@ -97,8 +97,35 @@ def vgg16(dtype=jnp.float32):
   return p
 
 
+def _layer_norm(d, dtype=jnp.float32):
+  return {"scale": jax.ShapeDtypeStruct((d,), dtype), "bias": jax.ShapeDtypeStruct((d,), dtype)}
+
+
+def transformer(layers: int = 24, d_model: int = 2048, mlp_ratio: int = 4, vocab: int = 32000,
+                max_len: int = 2048, dtype=jnp.float32):
+  """A GPT-style decoder: token and position embeddings, ``layers`` pre-LN blocks, final LN.
+
+  Each block: LayerNorm, attention (query / key / value / out dense d×d with
+  biases), LayerNorm, MLP (d × ``mlp_ratio``·d and back, with biases). Parameters:
+  ``layers``·(12·d² + 13·d) + (vocab + max_len)·d + 2·d for ``mlp_ratio`` 4; the
+  defaults give 1,278,332,928 (the "1.3B" tree). Under the default penalty its
+  2-D leaves (dense kernels and embeddings) get a lasso, its 1-D leaves none.
+  """
+  p = {"token_embed": {"embedding": jax.ShapeDtypeStruct((vocab, d_model), dtype)},
+       "pos_embed": {"embedding": jax.ShapeDtypeStruct((max_len, d_model), dtype)}}
+  hidden = mlp_ratio * d_model
+  for i in range(layers):
+    p[f"block{i}"] = {
+        "ln1": _layer_norm(d_model, dtype),
+        "attn": {n: _dense(d_model, d_model, dtype) for n in ("query", "key", "value", "out")},
+        "ln2": _layer_norm(d_model, dtype),
+        "mlp": {"fc1": _dense(d_model, hidden, dtype), "fc2": _dense(hidden, d_model, dtype)}}
+  p["ln_final"] = _layer_norm(d_model, dtype)
+  return p
+
+
 ARCHS = {"LeNet-5": lenet5, "ResNet-20": resnet20, "ResNet-18": resnet18,
-         "ResNet-50": resnet50, "VGG-16": vgg16}
+         "ResNet-50": resnet50, "VGG-16": vgg16, "Transformer-1.3B": transformer}
 
 
 def num_params(tree) -> int:

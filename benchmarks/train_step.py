@@ -22,14 +22,20 @@ MODELS = {"LeNet-5": ("lenet5", (28, 28, 1)), "ResNet-20": ("resnet20", (32, 32,
 BATCH = 128
 
 
-def build(model_name: str, input_shape, batch: int = BATCH, param_dtype=None):
-  """(module, params, batch_stats, x, y) for ``examples.models.get_model(model_name)``."""
+def build(model_name: str, input_shape, batch: int = BATCH, param_dtype=None,
+          num_classes: int = 10):
+  """(module, params, batch_stats, x, y) for ``examples.models.get_model(model_name)``.
+
+  Synthetic data: x ~ N(0, 1) of shape (batch, *input_shape), integer labels
+  below ``num_classes``. The initialisation is jitted (one compile instead of
+  one per op, which matters on GPU).
+  """
   from examples import models  # pylint: disable=import-outside-toplevel
-  model = models.get_model(model_name, num_classes=10)
+  model = models.get_model(model_name, num_classes=num_classes)
   kx, ky, ki = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (batch, *input_shape), jnp.float32)
-  y = jax.random.randint(ky, (batch,), 0, 10)
-  variables = model.init(ki, x[:2], train=False)
+  y = jax.random.randint(ky, (batch,), 0, num_classes)
+  variables = jax.jit(lambda k, x: model.init(k, x, train=False))(ki, x[:2])
   params = variables["params"]
   if param_dtype is not None:
     params = jax.tree.map(lambda p: p.astype(param_dtype), params)
