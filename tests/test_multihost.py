@@ -1,0 +1,236 @@
+"""Multi-process training, for real, on one machine (issue 13).
+
+Two processes of two CPU devices each (``XLA_FLAGS=
+--xla_force_host_platform_device_count=2``, gloo collectives,
+``jax.distributed.initialize("127.0.0.1:PORT", 2, i)``) form one 4-device
+job and run ``python -m examples.train``'s code (the CLI's own flags, via
+``examples.train.main``) on the digits CNN: data parallel, FSDP, and a run
+resumed from a checkpoint written by one process. This process runs the same
+configs as one process on 4 of its 8 devices and checks that params, V, Γ,
+masks (and every other state leaf) and the evaluation metrics agree, reading
+the 2-process runs through their orbax checkpoints (2 processes write, 1
+restores) while the resumed run restores a 1-process checkpoint in 2
+processes.
+
+Tolerance: both jobs run the same partitioned program on the same 4 batch
+shards, so each device computes the same local gradient; only the cross-device
+all-reduce differs (gloo between processes vs. XLA:CPU's in-process
+reduction), which may sum the 4 partial gradients in another order. That is
+a float32 rounding of ~1e-7 relative per step, amplified over 6-9 steps of
+lr 0.1 / momentum 0.9; we allow rtol 1e-5, atol 1e-6 and require the masks
+supp Γ to be identical (a flip would need a ‖V_g‖ or |V| within ~1e-6 of λ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import optax_splitlbi as sl
+from examples import configs, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUM_PROCESSES, LOCAL_DEVICES = 2, 2
+JOB_TIMEOUT_S = 300  # the whole 2-process job; it takes ~30-60 s on 2 busy cores
+RTOL, ATOL = 1e-5, 1e-6
+
+# 3 steps per epoch of 16 examples; ν = 1 and these λ let some filters and
+# weights (not all) of several layers enter supp Γ within 6-9 steps.
+SETTINGS = ["epochs=2", "max_steps_per_epoch=3", "batch_size=16", "eval_batch_size=40",
+            "eval_examples=90", "nu=1.0", "conv_lam=0.17", "fc_lam=0.03", "decay_every=100",
+            "progress=False"]
+
+# Runs of the 2-process job: (name, layout, epochs). "resume" starts from a
+# copy of the 1-process fsdp run's workdir (checkpoint of epoch 2).
+JOB = [("dp", "replicated", 2), ("fsdp", "fsdp", 2), ("resume", "fsdp", 3)]
+
+# Runs the trainer's CLI entry point once per argv, all in one process (one
+# jax.distributed job); prints what the test checks of this process's shards.
+WORKER = r"""
+import json, sys
+import optax_splitlbi as sl
+from examples import train
+for argv in json.loads(sys.argv[1]):
+  state = train.main(argv)["state"]
+  import jax
+  kernel = state.params["Conv_1"]["kernel"]
+  v = sl.find_state(state.opt_state).v["Conv_1"]["kernel"]
+  print("RESULT " + json.dumps({
+      "workdir": argv[argv.index("--workdir") + 1], "process": jax.process_index(),
+      "processes": jax.process_count(), "devices": jax.device_count(),
+      "kernel_spec": str(kernel.sharding.spec), "v_spec": str(v.sharding.spec),
+      "local_shard": list(kernel.addressable_shards[0].data.shape)}), flush=True)
+"""
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def argv_for(workdir: pathlib.Path, layout: str, epochs: int, extra=()) -> list[str]:
+  return ["--quiet", "--workdir", str(workdir), "--set", *SETTINGS,
+          f"param_sharding={layout}", f"epochs={epochs}", *extra]
+
+
+def config_for(layout: str, epochs: int):
+  return configs.apply_overrides(configs.get_config("digits"),
+                                 [*SETTINGS, f"param_sharding={layout}", f"epochs={epochs}",
+                                  "num_devices=4"])
+
+
+@contextlib.contextmanager
+def launched(runs: list[list[str]], logdir: pathlib.Path):
+  """Starts the 2-process job; always kills both process groups on exit."""
+  port, procs, logs = free_port(), [], []
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  try:
+    for i in range(NUM_PROCESSES):
+      flags = ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(NUM_PROCESSES),
+               "--process_id", str(i), "--cpu_collectives", "gloo"]
+      logs.append(open(logdir / f"process{i}.log", "w+"))
+      procs.append(subprocess.Popen(
+          [sys.executable, "-c", WORKER, json.dumps([argv + flags for argv in runs])],
+          cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
+          start_new_session=True))  # own process group: killed as a whole below
+    yield procs, logs
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+      p.wait(timeout=30)
+    for f in logs:
+      f.close()
+
+
+def wait_all(procs, logs, timeout_s: float) -> list[str]:
+  """Waits for every process (one deadline for all); returns their logs."""
+  deadline = time.monotonic() + timeout_s
+  for p in procs:
+    try:
+      p.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+      pass
+  outputs = []
+  for f in logs:
+    f.seek(0)
+    outputs.append(f.read())
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} exit {p.returncode}:\n{out[-4000:]}"
+  return outputs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """1-process references, the 2-process job, then the 1-process restores."""
+  tmp = tmp_path_factory.mktemp("multihost")
+  one = {name: tmp / f"one_{name}" for name, _, _ in JOB}
+  two = {name: tmp / f"two_{name}" for name, _, _ in JOB}
+  timings = {}
+
+  t0 = time.perf_counter()
+  reference = {}
+  for name, layout, epochs in JOB[:2]:
+    reference[name] = train.train_and_evaluate(config_for(layout, epochs), str(one[name]),
+                                               verbose=False)
+  shutil.copytree(one["fsdp"], one["resume"])  # both continue the same epoch-2 checkpoint
+  shutil.copytree(one["fsdp"], two["resume"])
+  timings["one_process_s"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  with launched([argv_for(two[n], layout, e) for n, layout, e in JOB], tmp) as (procs, logs):
+    outputs = wait_all(procs, logs, JOB_TIMEOUT_S)
+  timings["two_process_job_s"] = time.perf_counter() - t0
+  results = [json.loads(line[len("RESULT "):]) for out in outputs
+             for line in out.splitlines() if line.startswith("RESULT ")]
+
+  t0 = time.perf_counter()
+  reference["resume"] = train.train_and_evaluate(config_for("fsdp", 3), str(one["resume"]),
+                                                 verbose=False)
+  restored = {n: train.train_and_evaluate(config_for(layout, e), str(two[n]), verbose=False)
+              for n, layout, e in JOB}  # nothing left to train: the restored state
+  timings["restore_s"] = time.perf_counter() - t0
+  print("timings", timings)
+  return dict(reference=reference, restored=restored, results=results, two=two)
+
+
+def flat(tree):
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+def max_abs_diff(a, b) -> float:
+  return max((float(np.max(np.abs(a[k] - b[k]))) if a[k].size else 0.0) for k in a)
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in JOB])
+def test_two_processes_equal_one_process(runs, name):
+  want, got = runs["reference"][name]["state"], runs["restored"][name]["state"]
+  assert int(sl.find_state(got.opt_state).count) == 3 * dict((n, e) for n, _, e in JOB)[name]
+  a, b = flat(want), flat(got)
+  assert a.keys() == b.keys() and len(a) > 20  # params, batch stats, b, V, Γ, entry, count
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    np.testing.assert_allclose(b[k], a[k], rtol=RTOL, atol=ATOL, err_msg=k)
+  print(f"{name}: max |2-process - 1-process| over {len(a)} leaves: {max_abs_diff(a, b):.3g}")
+  # V and Γ explicitly, and the masks exactly.
+  for fn in (lambda s: sl.find_state(s).v, sl.gamma):
+    va, vb = flat(fn(want.opt_state)), flat(fn(got.opt_state))
+    assert va.keys() == vb.keys() and len(va) == 4
+    for k in va:
+      np.testing.assert_allclose(vb[k], va[k], rtol=RTOL, atol=ATOL, err_msg=k)
+  ma, mb = flat(sl.support(want.opt_state)), flat(sl.support(got.opt_state))
+  assert ma.keys() == mb.keys() and len(ma) == 4
+  for k in ma:
+    np.testing.assert_array_equal(mb[k], ma[k], err_msg=k)
+  density = {k: float(m.mean()) for k, m in ma.items()}
+  print(f"{name}: supp Γ density per layer {density}")
+  assert sum(0 < d < 1 for d in density.values()) >= 2, density  # real thresholding
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in JOB])
+def test_two_process_metrics_equal_one_process(runs, name):
+  """Training and evaluation sums combine over processes as over devices."""
+  with open(runs["two"][name] / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  want = runs["reference"][name]["history"]
+  assert [r["epoch"] for r in rows] == [r["epoch"] for r in want]
+  for r, w in zip(rows, want):
+    for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
+              "sparse_test_accuracy", "weight_density", "group_density"):
+      assert r[k] == pytest.approx(w[k], rel=RTOL, abs=ATOL), (name, r["epoch"], k)
+
+
+def test_two_process_job_was_sharded_as_asked(runs):
+  got = {(r["workdir"], r["process"]): r for r in runs["results"]}
+  assert len(got) == len(JOB) * NUM_PROCESSES
+  for name, layout, _ in JOB:
+    for i in range(NUM_PROCESSES):
+      r = got[(str(runs["two"][name]), i)]
+      assert (r["processes"], r["devices"]) == (NUM_PROCESSES, NUM_PROCESSES * LOCAL_DEVICES)
+      if layout == "fsdp":  # Conv_1 (3, 3, 16, 32): 8 output filters per device
+        assert r["kernel_spec"] == r["v_spec"] == str(P(None, None, None, "data"))
+        assert r["local_shard"] == [3, 3, 16, 8]
+      else:
+        assert r["kernel_spec"] == r["v_spec"] == str(P())
+        assert r["local_shard"] == [3, 3, 16, 32]
+  # The 1-process references are laid out the same way.
+  ref = runs["reference"]["fsdp"]["state"]
+  assert ref.params["Conv_1"]["kernel"].sharding.spec == P(None, None, None, "data")
+  assert sl.find_state(ref.opt_state).v["Conv_1"]["kernel"].sharding.spec == P(
+      None, None, None, "data")
