@@ -40,7 +40,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_splitlbi as sl
-from examples import configs, train
+from examples import configs, multi_device, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES, LOCAL_DEVICES = 2, 2
@@ -57,19 +57,35 @@ SETTINGS = ["epochs=2", "max_steps_per_epoch=3", "batch_size=16", "eval_batch_si
 # copy of the 1-process fsdp run's workdir (checkpoint of epoch 2).
 JOB = [("dp", "replicated", 2), ("fsdp", "fsdp", 2), ("resume", "fsdp", 3)]
 
-# Runs the trainer's CLI entry point once per argv, all in one process (one
-# jax.distributed job); prints what the test checks of this process's shards.
+# examples.multi_device in the same job: --mode fsdp, 25 steps of batch 16
+# (some conv filters have entered supp Γ by then, not all).
+MULTI_DEVICE = ["--mode", "fsdp", "--steps", "25", "--global_batch", "16"]
+
+# Runs the CLI entry points (train.main / multi_device.main) once per task,
+# all in one process of one jax.distributed job; prints what the test checks
+# of this process's shards and (multi_device) writes the final state to .npz.
 WORKER = r"""
 import json, sys
+import jax, numpy as np
 import optax_splitlbi as sl
-from examples import train
-for argv in json.loads(sys.argv[1]):
-  state = train.main(argv)["state"]
-  import jax
-  kernel = state.params["Conv_1"]["kernel"]
-  v = sl.find_state(state.opt_state).v["Conv_1"]["kernel"]
+from examples import distributed, multi_device, train
+for task in json.loads(sys.argv[1]):
+  if task["module"] == "train":
+    state = train.main(task["argv"])["state"]
+    params, opt_state, layer = state.params, state.opt_state, "Conv_1"
+  else:
+    out = multi_device.main(task["argv"])
+    params, opt_state, layer = out["params"], out["opt_state"], "conv2"
+    host = distributed.fetch({"params": params, "v": sl.find_state(opt_state).v,
+                              "gamma": sl.gamma(opt_state), "masks": sl.support(opt_state)})
+    flat = {jax.tree_util.keystr(p, simple=True, separator="/"): x
+            for p, x in jax.tree_util.tree_flatten_with_path(host)[0]}
+    if jax.process_index() == 0:
+      np.savez(task["dump"], **flat)
+  kernel = params[layer]["kernel"]
+  v = sl.find_state(opt_state).v[layer]["kernel"]
   print("RESULT " + json.dumps({
-      "workdir": argv[argv.index("--workdir") + 1], "process": jax.process_index(),
+      "task": task["name"], "process": jax.process_index(),
       "processes": jax.process_count(), "devices": jax.device_count(),
       "kernel_spec": str(kernel.sharding.spec), "v_spec": str(v.sharding.spec),
       "local_shard": list(kernel.addressable_shards[0].data.shape)}), flush=True)
@@ -94,7 +110,7 @@ def config_for(layout: str, epochs: int):
 
 
 @contextlib.contextmanager
-def launched(runs: list[list[str]], logdir: pathlib.Path):
+def launched(tasks: list[dict], logdir: pathlib.Path):
   """Starts the 2-process job; always kills both process groups on exit."""
   port, procs, logs = free_port(), [], []
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
@@ -105,7 +121,8 @@ def launched(runs: list[list[str]], logdir: pathlib.Path):
                "--process_id", str(i), "--cpu_collectives", "gloo"]
       logs.append(open(logdir / f"process{i}.log", "w+"))
       procs.append(subprocess.Popen(
-          [sys.executable, "-c", WORKER, json.dumps([argv + flags for argv in runs])],
+          [sys.executable, "-c", WORKER,
+           json.dumps([dict(t, argv=t["argv"] + flags) for t in tasks])],
           cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
           start_new_session=True))  # own process group: killed as a whole below
     yield procs, logs
@@ -153,7 +170,10 @@ def runs(tmp_path_factory):
   timings["one_process_s"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  with launched([argv_for(two[n], layout, e) for n, layout, e in JOB], tmp) as (procs, logs):
+  tasks = [dict(name=n, module="train", argv=argv_for(two[n], layout, e)) for n, layout, e in JOB]
+  tasks.append(dict(name="multi_device", module="multi_device", argv=MULTI_DEVICE,
+                    dump=str(tmp / "multi_device.npz")))
+  with launched(tasks, tmp) as (procs, logs):
     outputs = wait_all(procs, logs, JOB_TIMEOUT_S)
   timings["two_process_job_s"] = time.perf_counter() - t0
   results = [json.loads(line[len("RESULT "):]) for out in outputs
@@ -166,7 +186,8 @@ def runs(tmp_path_factory):
               for n, layout, e in JOB}  # nothing left to train: the restored state
   timings["restore_s"] = time.perf_counter() - t0
   print("timings", timings)
-  return dict(reference=reference, restored=restored, results=results, two=two)
+  return dict(reference=reference, restored=restored, results=results, two=two,
+              multi_device=tmp / "multi_device.npz")
 
 
 def flat(tree):
@@ -175,7 +196,7 @@ def flat(tree):
 
 
 def max_abs_diff(a, b) -> float:
-  return max((float(np.max(np.abs(a[k] - b[k]))) if a[k].size else 0.0) for k in a)
+  return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]), initial=0.0)) for k in a)
 
 
 @pytest.mark.parametrize("name", [name for name, _, _ in JOB])
@@ -217,20 +238,41 @@ def test_two_process_metrics_equal_one_process(runs, name):
 
 
 def test_two_process_job_was_sharded_as_asked(runs):
-  got = {(r["workdir"], r["process"]): r for r in runs["results"]}
-  assert len(got) == len(JOB) * NUM_PROCESSES
-  for name, layout, _ in JOB:
+  got = {(r["task"], r["process"]): r for r in runs["results"]}
+  assert len(got) == (len(JOB) + 1) * NUM_PROCESSES
+  shapes = {"train": [3, 3, 16, 32], "multi_device": [3, 3, 16, 16]}  # Conv_1 / conv2
+  for name, layout, _ in [*JOB, ("multi_device", "fsdp", 0)]:
     for i in range(NUM_PROCESSES):
-      r = got[(str(runs["two"][name]), i)]
+      r = got[(name, i)]
       assert (r["processes"], r["devices"]) == (NUM_PROCESSES, NUM_PROCESSES * LOCAL_DEVICES)
-      if layout == "fsdp":  # Conv_1 (3, 3, 16, 32): 8 output filters per device
+      shape = shapes["multi_device" if name == "multi_device" else "train"]
+      if layout == "fsdp":  # a quarter of the output filters per device
         assert r["kernel_spec"] == r["v_spec"] == str(P(None, None, None, "data"))
-        assert r["local_shard"] == [3, 3, 16, 8]
+        assert r["local_shard"] == shape[:3] + [shape[3] // 4]
       else:
         assert r["kernel_spec"] == r["v_spec"] == str(P())
-        assert r["local_shard"] == [3, 3, 16, 32]
+        assert r["local_shard"] == shape
   # The 1-process references are laid out the same way.
   ref = runs["reference"]["fsdp"]["state"]
   assert ref.params["Conv_1"]["kernel"].sharding.spec == P(None, None, None, "data")
   assert sl.find_state(ref.opt_state).v["Conv_1"]["kernel"].sharding.spec == P(
       None, None, None, "data")
+
+
+def test_multi_device_script_two_processes_equal_one_process(runs):
+  """examples.multi_device joined the same job: its final params, V, Γ and
+  masks equal the same script's run in this one process on 4 devices."""
+  want = multi_device.train("fsdp", steps=25, global_batch=16, verbose=False, num_devices=4)
+  want = flat({"params": want["params"], "v": sl.find_state(want["opt_state"]).v,
+               "gamma": sl.gamma(want["opt_state"]), "masks": sl.support(want["opt_state"])})
+  with np.load(runs["multi_device"]) as f:
+    got = dict(f)
+  assert got.keys() == want.keys() and len(want) == 6 + 3 * 3
+  for k in want:
+    if k.startswith("masks/"):
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    else:
+      np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=ATOL, err_msg=k)
+  print(f"multi_device: max |2-process - 1-process| {max_abs_diff(want, got):.3g}")
+  filters = want["masks/conv1/kernel"].reshape(-1, 16).all(0)
+  assert 0 < filters.sum() < 16  # some filters entered supp Γ, not all
