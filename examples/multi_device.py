@@ -135,6 +135,7 @@ def train(mode: str = "dp", steps: int = 30, global_batch: int = 32,
   if mode not in LAYOUTS:
     raise ValueError(f"mode must be one of {tuple(LAYOUTS)}, got {mode!r}.")
   data_sharding = NamedSharding(mesh, P("data"))
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)  # one log per job
 
   params = init_params(0)  # the same on every process (same seed)
   # dp: all replicated; fsdp: each kernel split on its last (group-index) axis
@@ -162,10 +163,10 @@ def train(mode: str = "dp", steps: int = 30, global_batch: int = 32,
       restored = mngr.restore(start, args=ocp.args.StandardRestore(target))
       params, opt_state = restored["params"], restored["opt_state"]
       if verbose:
-        print(f"resumed from step {start}")
+        say(f"resumed from step {start}")
 
   if verbose:
-    print(f"{mode}: {n} devices, {jax.process_count()} process(es); per device: "
+    say(f"{mode}: {n} devices, {jax.process_count()} process(es); per device: "
           f"params {bytes_per_device(params)} B, state {bytes_per_device(opt_state)} B")
   loss = float("nan")
   for step in range(start, steps):
@@ -178,8 +179,8 @@ def train(mode: str = "dp", steps: int = 30, global_batch: int = 32,
           {"params": params, "opt_state": opt_state}))
       mngr.wait_until_finished()  # before the next step donates the buffers
     if verbose and ((step + 1) % log_every == 0 or step + 1 == steps):
-      print(f"step {step + 1:4d}  loss {float(loss):.4f}  "
-            f"filters in supp Γ: {filters_in_support(opt_state)}")
+      say(f"step {step + 1:4d}  loss {float(loss):.4f}  "  # every process gathers
+          f"filters in supp Γ: {filters_in_support(opt_state)}")
   if mngr is not None:
     mngr.close()
   return {"loss": float(loss), "params": params, "opt_state": opt_state,
