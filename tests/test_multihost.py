@@ -15,10 +15,13 @@ processes.
 Tolerance: both jobs run the same partitioned program on the same 4 batch
 shards, so each device computes the same local gradient; only the cross-device
 all-reduce differs (gloo between processes vs. XLA:CPU's in-process
-reduction), which may sum the 4 partial gradients in another order. That is
-a float32 rounding of ~1e-7 relative per step, amplified over 6-9 steps of
-lr 0.1 / momentum 0.9; we allow rtol 1e-5, atol 1e-6 and require the masks
-supp Γ to be identical (a flip would need a ‖V_g‖ or |V| within ~1e-6 of λ).
+reduction), and it sums the 4 partial gradients in another order (a jitted
+4-way sum of random float32 rows differs in the last bit in 27 % of the
+entries between the two). So the float leaves (params, momentum, V, Γ) differ
+by rounding: measured up to 3e-8 (1-3 ulp) after 6-9 steps, while the integer
+leaves (step count, path records) and the first epoch's metrics are
+identical. We allow rtol 1e-5, atol 1e-6 and require the masks supp Γ to be
+identical (a flip would need a ‖V_g‖ or |V| within ~1e-7 of λ).
 """
 
 from __future__ import annotations
@@ -136,19 +139,21 @@ def launched(tasks: list[dict], logdir: pathlib.Path):
 
 
 def wait_all(procs, logs, timeout_s: float) -> list[str]:
-  """Waits for every process (one deadline for all); returns their logs."""
+  """Waits until every process has exited, one has failed (the others would
+  wait for it) or ``timeout_s`` has passed; returns their logs."""
   deadline = time.monotonic() + timeout_s
-  for p in procs:
-    try:
-      p.wait(timeout=max(deadline - time.monotonic(), 1))
-    except subprocess.TimeoutExpired:
-      pass
+  while time.monotonic() < deadline:
+    codes = [p.poll() for p in procs]
+    if None not in codes or any(c not in (None, 0) for c in codes):
+      break
+    time.sleep(0.2)
   outputs = []
   for f in logs:
     f.seek(0)
     outputs.append(f.read())
   for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} exit {p.returncode}:\n{out[-4000:]}"
+    status = "still running at the timeout" if p.poll() is None else f"exit {p.returncode}"
+    assert p.returncode == 0, f"process {i} {status}:\n{out[-4000:]}"
   return outputs
 
 
@@ -178,15 +183,22 @@ def runs(tmp_path_factory):
   timings["two_process_job_s"] = time.perf_counter() - t0
   results = [json.loads(line[len("RESULT "):]) for out in outputs
              for line in out.splitlines() if line.startswith("RESULT ")]
+  metrics = {}  # as the 2-process job wrote them
+  for name in two:
+    with open(two[name] / "metrics.jsonl") as f:
+      metrics[name] = [json.loads(line) for line in f]
 
   t0 = time.perf_counter()
   reference["resume"] = train.train_and_evaluate(config_for("fsdp", 3), str(one["resume"]),
                                                  verbose=False)
   restored = {n: train.train_and_evaluate(config_for(layout, e), str(two[n]), verbose=False)
               for n, layout, e in JOB}  # nothing left to train: the restored state
+  for n, _, e in JOB:  # they restored the 2-process checkpoint, trained nothing
+    assert os.path.isdir(two[n] / "checkpoints" / str(e))
+    assert restored[n]["history"] == metrics[n], n
   timings["restore_s"] = time.perf_counter() - t0
   print("timings", timings)
-  return dict(reference=reference, restored=restored, results=results, two=two,
+  return dict(reference=reference, restored=restored, results=results, metrics=metrics,
               multi_device=tmp / "multi_device.npz")
 
 
@@ -207,7 +219,10 @@ def test_two_processes_equal_one_process(runs, name):
   assert a.keys() == b.keys() and len(a) > 20  # params, batch stats, b, V, Γ, entry, count
   for k in a:
     assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-    np.testing.assert_allclose(b[k], a[k], rtol=RTOL, atol=ATOL, err_msg=k)
+    if np.issubdtype(a[k].dtype, np.floating):
+      np.testing.assert_allclose(b[k], a[k], rtol=RTOL, atol=ATOL, err_msg=k)
+    else:  # the step count and the path records (entry steps)
+      np.testing.assert_array_equal(b[k], a[k], err_msg=k)
   print(f"{name}: max |2-process - 1-process| over {len(a)} leaves: {max_abs_diff(a, b):.3g}")
   # V and Γ explicitly, and the masks exactly.
   for fn in (lambda s: sl.find_state(s).v, sl.gamma):
@@ -227,9 +242,10 @@ def test_two_processes_equal_one_process(runs, name):
 @pytest.mark.parametrize("name", [name for name, _, _ in JOB])
 def test_two_process_metrics_equal_one_process(runs, name):
   """Training and evaluation sums combine over processes as over devices."""
-  with open(runs["two"][name] / "metrics.jsonl") as f:
-    rows = [json.loads(line) for line in f]
+  rows = runs["metrics"][name]
   want = runs["reference"][name]["history"]
+  if name == "resume":  # epochs 1-2 came with the 1-process checkpoint, not retrained
+    assert rows[:2] == want[:2]
   assert [r["epoch"] for r in rows] == [r["epoch"] for r in want]
   for r, w in zip(rows, want):
     for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
