@@ -19,9 +19,11 @@ of the inputs change (GSPMD partitions the step):
   ‖V_g‖ of the prox are computed over the whole, global filter.
 
 Multi-host (one process per host, same command on each; see
-docs/scaling.md): ``--multihost`` calls ``jax.distributed.initialize()``
-(coordinator, process count and index come from the cluster environment,
-e.g. SLURM or Cloud TPU, or from its arguments). Each process builds only
+docs/scaling.md): ``--coordinator HOST:PORT --num_processes N --process_id I``
+(or ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``),
+or ``--multihost`` alone where ``jax.distributed.initialize()`` detects them
+(SLURM, Open MPI, Cloud TPU, GKE), join the job first
+(:mod:`examples.distributed`, shared with ``examples.train``). Each process builds only
 its own rows of every global batch and assembles the global array with
 ``jax.make_array_from_process_local_data``; the mesh spans
 ``jax.devices()``, all devices of all hosts. With ``--checkpoint_dir``
@@ -45,6 +47,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_splitlbi as sl
+from examples import distributed
 
 NUM_CLASSES = 8
 
@@ -79,26 +82,20 @@ def loss_fn(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
 def local_batch(step: int, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
   """THIS process's rows of the global batch of ``step`` (synthetic data).
 
-  A pure function of (step, process): a resumed run sees the same data. The
-  labels come from a fixed random "teacher" of the mean colour.
+  The global batch is a pure function of ``step``: a resumed run, and a run
+  on any number of processes, sees the same data. The labels come from a
+  fixed random "teacher" of the mean colour.
   """
-  n_proc, proc = jax.process_count(), jax.process_index()
-  rows = global_batch // n_proc
-  rng = np.random.default_rng([step, proc])
-  x = rng.normal(size=(rows, 8, 8, 3)).astype(np.float32)
+  rows = global_batch // jax.process_count()
+  start = jax.process_index() * rows  # processes own consecutive rows (data_mesh)
+  x = np.random.default_rng(step).normal(size=(global_batch, 8, 8, 3))[start:start + rows]
+  x = x.astype(np.float32)
   teacher = np.random.default_rng(0).normal(size=(3, NUM_CLASSES))
   y = (x.mean((1, 2)) @ teacher).argmax(-1).astype(np.int32)
   return x, y
 
 
-def param_specs(params: Any, mode: str, n: int) -> Any:
-  """PartitionSpecs: all replicated (dp) or each kernel split on its last
-  axis, the group-index axis, when it divides ``n`` (fsdp)."""
-  def spec(p):
-    if mode == "fsdp" and p.ndim >= 2 and p.shape[-1] % n == 0:
-      return P(*([None] * (p.ndim - 1) + ["data"]))
-    return P()
-  return jax.tree.map(spec, params)
+LAYOUTS = {"dp": "replicated", "fsdp": "fsdp"}  # --mode: distributed.tree_shardings layout
 
 
 @functools.cache  # one optimizer and one jitted step per process: compiled once
@@ -127,18 +124,23 @@ def bytes_per_device(tree: Any) -> int:
 
 def train(mode: str = "dp", steps: int = 30, global_batch: int = 32,
           checkpoint_dir: str | None = None, save_every: int = 10,
-          log_every: int = 5, verbose: bool = True) -> dict:
-  """Trains the tiny net with SplitLBI on all devices; returns final metrics."""
-  n = jax.device_count()
+          log_every: int = 5, verbose: bool = True, num_devices: int | None = None) -> dict:
+  """Trains the tiny net with SplitLBI on all (or ``num_devices``) devices;
+  returns final metrics."""
+  mesh = distributed.data_mesh(num_devices)
+  n = mesh.size
   if global_batch % n:
     raise ValueError(f"global_batch={global_batch} must be a multiple of the "
                      f"device count {n}.")
-  mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  if mode not in LAYOUTS:
+    raise ValueError(f"mode must be one of {tuple(LAYOUTS)}, got {mode!r}.")
   data_sharding = NamedSharding(mesh, P("data"))
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)  # one log per job
 
   params = init_params(0)  # the same on every process (same seed)
-  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mode, n))
-  params = jax.device_put(params, shardings)
+  # dp: all replicated; fsdp: each kernel split on its last (group-index) axis
+  # when n divides it, so every device holds whole filters / neurons.
+  params = jax.device_put(params, distributed.tree_shardings(params, mesh, LAYOUTS[mode]))
   opt = make_optimizer()
   opt_state = opt.init(params)  # b, V, Γ take the sharding of their parameter
   train_step = make_train_step(opt)
@@ -161,10 +163,10 @@ def train(mode: str = "dp", steps: int = 30, global_batch: int = 32,
       restored = mngr.restore(start, args=ocp.args.StandardRestore(target))
       params, opt_state = restored["params"], restored["opt_state"]
       if verbose:
-        print(f"resumed from step {start}")
+        say(f"resumed from step {start}")
 
   if verbose:
-    print(f"{mode}: {n} devices, {jax.process_count()} process(es); per device: "
+    say(f"{mode}: {n} devices, {jax.process_count()} process(es); per device: "
           f"params {bytes_per_device(params)} B, state {bytes_per_device(opt_state)} B")
   loss = float("nan")
   for step in range(start, steps):
@@ -177,8 +179,8 @@ def train(mode: str = "dp", steps: int = 30, global_batch: int = 32,
           {"params": params, "opt_state": opt_state}))
       mngr.wait_until_finished()  # before the next step donates the buffers
     if verbose and ((step + 1) % log_every == 0 or step + 1 == steps):
-      print(f"step {step + 1:4d}  loss {float(loss):.4f}  "
-            f"filters in supp Γ: {filters_in_support(opt_state)}")
+      say(f"step {step + 1:4d}  loss {float(loss):.4f}  "  # every process gathers
+          f"filters in supp Γ: {filters_in_support(opt_state)}")
   if mngr is not None:
     mngr.close()
   return {"loss": float(loss), "params": params, "opt_state": opt_state,
@@ -187,10 +189,10 @@ def train(mode: str = "dp", steps: int = 30, global_batch: int = 32,
 
 def filters_in_support(opt_state: Any) -> dict[str, str]:
   """Per conv kernel, 'k/n' output filters with Γ ≠ 0 (from the path record)."""
-  entry = sl.find_state(opt_state).entry
+  entry = distributed.fetch(sl.find_state(opt_state).entry)  # all processes call it
   out = {}
   for name in ("conv1", "conv2"):
-    e = np.asarray(jax.device_get(entry[name]["kernel"]))
+    e = entry[name]["kernel"]
     out[name] = f"{int((e >= 0).sum())}/{e.size}"
   return out
 
@@ -202,11 +204,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--global_batch", type=int, default=32)
   parser.add_argument("--checkpoint_dir", default=None)
   parser.add_argument("--save_every", type=int, default=10)
-  parser.add_argument("--multihost", action="store_true",
-                      help="call jax.distributed.initialize() first (one process per host)")
+  distributed.add_flags(parser)  # --multihost, --coordinator, --num_processes, ...
   args = parser.parse_args(argv)
-  if args.multihost:
-    jax.distributed.initialize()
+  distributed.initialize(distributed.options_from_args(args))  # before any JAX backend use
   return train(args.mode, args.steps, args.global_batch, args.checkpoint_dir, args.save_every)
 
 

@@ -20,11 +20,19 @@ reports per-layer sparsity. With ``--workdir`` it writes
 and ``python -m examples.plots WORKDIR`` draws them.
 
 Data parallelism: the train step is ``jax.jit``-compiled over a 1-D
-``jax.make_mesh`` of all devices; batches are sharded along ``"data"``,
-parameters and optimizer state replicated, and each host loads only its slice of
-every global batch (``jax.process_index``), so the same code runs on one CPU, 8
-GPUs or a multi-host pod. Params, BatchNorm statistics and the optimizer state
-are donated to the step.
+``jax.make_mesh`` of all devices; batches are sharded along ``"data"``, and each
+process loads only its slice of every global batch (``jax.process_index``), so
+the same code runs on one CPU, 8 GPUs or a multi-host pod. Parameters and
+optimizer state are replicated (``param_sharding="replicated"``) or, with
+``--set param_sharding=fsdp``, kernels and their b, V, Γ are split over the
+same axis on their output filters / neurons (:mod:`examples.distributed`).
+Params, BatchNorm statistics and the optimizer state are donated to the step.
+
+Several processes (one per host): the flags ``--coordinator HOST:PORT
+--num_processes N --process_id I`` (or ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; or ``--multihost`` for SLURM / Cloud
+TPU / GKE auto-detection) start this as one process of a job; see
+docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import optax_splitlbi as slbi
 from optax_splitlbi.penalties import path_str
 from examples import configs as configs_lib
-from examples import input_pipeline, models
+from examples import distributed, input_pipeline, models
 from examples.configs.base import Config
 
 
@@ -322,7 +330,7 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
     "sparse_test_accuracy", "weight_density", "group_density", "sparsity",
     "history": [...]}`` (sparse entries only for SplitLBI or masked runs).
   """
-  say = print if verbose else (lambda *a, **k: None)
+  say = print if verbose and jax.process_index() == 0 else (lambda *a, **k: None)
   if workdir:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
@@ -331,12 +339,8 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
         json.dump(dataclasses.asdict(config), f, indent=1)
 
   # --- devices: one "data" axis over all (or num_devices) devices
-  devices = jax.devices()
-  n_dev = config.num_devices or len(devices)
-  if n_dev > len(devices):
-    raise ValueError(f"num_devices={n_dev} but only {len(devices)} devices are available.")
-  mesh = (jax.make_mesh((n_dev,), ("data",)) if n_dev == len(devices)
-          else jax.sharding.Mesh(np.asarray(devices[:n_dev]), ("data",)))
+  mesh = distributed.data_mesh(config.num_devices)
+  n_dev = mesh.size
   data_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
   for what, bs in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
@@ -370,24 +374,27 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
 
   # rbg: XLA:CPU compiles threefry samplers slowly (ResNet init 16 s → 2 s).
   rng = jax.random.key(config.seed, impl=config.prng_impl)
-  state = jax.jit(init, out_shardings=replicated)(rng)
+  shardings = distributed.tree_shardings(jax.eval_shape(init, rng), mesh, config.param_sharding)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  # A state from given params: b, V, Γ laid out like them (also across hosts).
+  state_from = jax.jit(lambda p, s: TrainState(p, s, tx.init(p)), out_shardings=shardings)
   has_bn = bool(jax.tree.leaves(state.batch_stats))
   if config.init_from:
     params, stats = load_snapshot(os.path.expanduser(config.init_from), state.params,
                                   state.batch_stats)
-    state = jax.device_put(TrainState(params, stats, tx.init(params)), replicated)
+    state = state_from(params, stats)
   masks = None
   if config.mask_from:
     masks = jax.device_put(load_masks(os.path.expanduser(config.mask_from), state.params),
                            replicated)
     masked = jax.tree.map(lambda x, m: x if m is None else x * m.astype(x.dtype),
                           state.params, masks, is_leaf=lambda x: x is None)
-    state = jax.device_put(TrainState(masked, state.batch_stats, tx.init(masked)), replicated)
+    state = state_from(masked, state.batch_stats)
 
   train_step = jax.jit(make_train_step(model, tx, has_bn), donate_argnums=(0,),
-                       out_shardings=(replicated, replicated))
+                       out_shardings=(shardings, replicated))
   eval_step = jax.jit(make_eval_step(model, has_bn), out_shardings=replicated)
-  sparse_fn = jax.jit(slbi.sparse_params, out_shardings=replicated)
+  sparse_fn = jax.jit(slbi.sparse_params, out_shardings=shardings.params)
 
   # --- resume
   start_epoch = 0
@@ -395,8 +402,8 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
   if ckpt is not None and ckpt.latest_step() is not None:
     import orbax.checkpoint as ocp
     start_epoch = int(ckpt.latest_step())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+    abstract = jax.tree.map(  # this run's layout, whatever the writer's was
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = ckpt.restore(start_epoch, args=ocp.args.StandardRestore(abstract))
     state = TrainState(*restored)
     say(f"Resumed from {workdir}/checkpoints at epoch {start_epoch}.")
@@ -418,23 +425,25 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
       tot = {k: tot[k] + float(out[k]) for k in tot}
     return tot["correct"] / tot["count"], tot["loss"] / tot["count"]
 
-  def snapshot(epoch):
-    if not workdir or pid != 0:
+  def snapshot(epoch):  # every process gathers, process 0 writes
+    if not workdir:
       return
     if epoch in config.save_params_at:
-      flat = {f"params/{k}": v for k, v in _flat(jax.device_get(state.params)).items()}
-      flat.update({f"batch_stats/{k}": v
-                   for k, v in _flat(jax.device_get(state.batch_stats)).items()})
-      save_npz(os.path.join(workdir, "snapshots", f"epoch_{epoch:04d}.npz"), flat)
+      params, stats = distributed.fetch((state.params, state.batch_stats))
+      flat = {f"params/{k}": v for k, v in _flat(params).items()}
+      flat.update({f"batch_stats/{k}": v for k, v in _flat(stats).items()})
+      if pid == 0:
+        save_npz(os.path.join(workdir, "snapshots", f"epoch_{epoch:04d}.npz"), flat)
     if epoch in config.save_masks_at and is_slbi:
-      sup = {k: v for k, v in _flat(jax.device_get(slbi.support(state.opt_state))).items()
+      sup = {k: v for k, v in _flat(distributed.fetch(slbi.support(state.opt_state))).items()
              if v is not None}
-      save_npz(os.path.join(workdir, "masks", f"epoch_{epoch:04d}.npz"), sup)
+      if pid == 0:
+        save_npz(os.path.join(workdir, "masks", f"epoch_{epoch:04d}.npz"), sup)
 
   def record_norms(epoch):
     if not (is_slbi and config.record_norms):
       return
-    for k, v in filter_norms(jax.device_get(state.opt_state), jax.device_get(state.params)).items():
+    for k, v in filter_norms(*distributed.fetch((state.opt_state, state.params))).items():
       norm_rows.setdefault(k, []).append(v)
     if norms_path and pid == 0:
       save_npz(norms_path, {k: np.stack(v) for k, v in norm_rows.items()})
@@ -473,7 +482,7 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
     if is_slbi:
       sparse = sparse_fn(state.params, state.opt_state)
       row["sparse_test_accuracy"], row["sparse_test_loss"] = evaluate(sparse, state.batch_stats)
-      report = sparsity_report(jax.device_get(state.opt_state), jax.device_get(state.params))
+      report = sparsity_report(*distributed.fetch((state.opt_state, state.params)))
     elif masks is not None:
       report = mask_sparsity_report({k: np.asarray(v) for k, v in
                                      _flat(jax.device_get(masks)).items() if v is not None})
@@ -541,6 +550,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--list", action="store_true", help="list the named configs and exit")
   parser.add_argument("--show", action="store_true", help="print the resolved config and exit")
   parser.add_argument("--quiet", action="store_true", help="only the final summary")
+  distributed.add_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -556,6 +566,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for f in dataclasses.fields(config):
       print(f"{f.name} = {getattr(config, f.name)!r}")
     return {}
+  distributed.initialize(distributed.options_from_args(args))  # before any JAX backend use
   try:
     return train_and_evaluate(config, args.workdir, verbose=not args.quiet)
   except input_pipeline.DatasetNotFoundError as e:

@@ -53,6 +53,7 @@ class Config:
   eval_batch_size: int = 500
   max_steps_per_epoch: Optional[int] = None
   num_devices: Optional[int] = None  # None: all devices (data parallel)
+  param_sharding: str = "replicated"  # replicated (data parallel) | fsdp (kernels split too)
   seed: int = 0
   prng_impl: str = "rbg"           # PRNG of the weight init (threefry2x32: JAX's default)
   checkpoint_every: int = 1        # epochs between checkpoints (with a workdir)
