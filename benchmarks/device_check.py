@@ -56,9 +56,9 @@ import xml.etree.ElementTree as ET
 
 # ---- Test selection: the single place to update when tests are renamed or moved. ----
 TEST_FILES = ("tests/test_transform.py", "tests/test_memory_modes.py", "tests/test_prox.py")
-# Device run: everything in TEST_FILES except the "fused" variants (a CPU-only form of
-# the update; on a GPU they would trace the same code as "line_by_line").
-TEST_K = "not fused"
+# Device run: everything in TEST_FILES in the "equations" form of the update; the
+# "buffered" and "fused" forms (xla_cpu_form) only differ when compiled for CPU.
+TEST_K = "not fused and not buffered"
 # CI smoke run: one NumPy-reference case and the prox hand values.
 SMOKE_K = "(test_matches_numpy_reference and default and stored) or hand_values"
 HYPOTHESIS_EXAMPLES = 20
