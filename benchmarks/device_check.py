@@ -104,7 +104,21 @@ def host_info() -> dict:
                                         capture_output=True, text=True).stdout.strip() or None
   except (OSError, subprocess.SubprocessError):
     info["git_commit"] = None
+  info["package_sha256"] = package_hash()
   return info
+
+
+def package_hash() -> str:
+  """sha256 of the package's source files: names the code run even where the copy's
+  ``.git`` is stale (a device machine gets the working tree, not the commits)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  h = hashlib.sha256()
+  pkg = os.path.join(ROOT, "optax_splitlbi")
+  for name in sorted(os.listdir(pkg)):
+    if name.endswith(".py"):
+      with open(os.path.join(pkg, name), "rb") as f:
+        h.update(name.encode() + b"\0" + f.read())
+  return h.hexdigest()[:16]
 
 
 def _nvidia_smi() -> dict | None:

@@ -50,7 +50,9 @@ def _device_lines(res: dict) -> list[str]:
        f"- Benchmarks ran at JAX's default matmul precision "
        f"(`{info.get('default_matmul_precision')}`; on GPU f32 convolutions and matmuls "
        "may use TF32); the tests ran with `JAX_DEFAULT_MATMUL_PRECISION=highest`.",
-       f"- Code: git commit `{host.get('git_commit') or 'n/a (no .git in the copy)'}`.\n"]
+       f"- Code: optax_splitlbi sources sha256 `{host.get('package_sha256')}` "
+       f"(`python -c 'from benchmarks.device_check import package_hash; print(package_hash())'`); "
+       f"git HEAD of the copy `{host.get('git_commit') or 'n/a'}` (may be stale).\n"]
   return L
 
 
