@@ -21,11 +21,15 @@ check every form against the same NumPy reference.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
+
+from optax_splitlbi.prox import LeafProx, group_scales
 
 MULTI_OUTPUT_FUSION_OPTION = "xla_cpu_use_multi_output_fusion"
 FORMS = ("auto", "buffered", "fused", "equations")
@@ -50,15 +54,23 @@ def resolve_form(form: str) -> str:
   return form
 
 
-def own_buffer(x: jax.Array) -> jax.Array:
-  """``x``, computed once into a buffer of its own (a fusion barrier).
+def own_buffer(pred: jax.Array, fn: Callable[..., jax.Array], *args) -> jax.Array:
+  """``fn(*args)``, computed once into a buffer of its own (a fusion barrier).
 
-  XLA cannot fuse through a conditional, so its consumers read the buffer
-  instead of recomputing ``x`` from its inputs, and the data dependence orders
-  the in-place writes of the donated W and Γ after every read: XLA inserts no
-  copies. (``lax.optimization_barrier`` is removed before copy insertion.)
+  XLA cannot fuse through a conditional (here one whose two branches are
+  ``fn``; ``pred`` is any traced bool), so the consumers read the buffer
+  instead of recomputing the value from its inputs, and the data dependence
+  orders the in-place writes of the donated W and Γ after every read: XLA
+  inserts no copies. (``lax.optimization_barrier`` is removed before copy
+  insertion.)
   """
-  return jax.lax.cond(x.size >= 0, lambda y: y, lambda y: y, x)
+  return jax.lax.cond(pred, fn, fn, *args)
+
+
+def buffered_leaf_step(step_fn: Callable[..., Any], *args) -> Any:
+  """``step_fn(*args)`` (the equations form) with the coupling gradient in its own
+  buffer; the step count (``args[-1].count``, traced) makes the predicate."""
+  return step_fn(*args, own_buffer=functools.partial(own_buffer, args[-1].count >= 0))
 
 
 def on_cpu(cpu: Callable[..., Any], default: Callable[..., Any],
@@ -77,7 +89,32 @@ def on_cpu(cpu: Callable[..., Any], default: Callable[..., Any],
   return fn
 
 
-def fused_penalized_leaf_step(g, w, b, v, gam, prox_v, h, *, nesterov: bool, coupling: str):
+# Three exact spellings of the soft-threshold sign(v)·max(|v| − t, 0): XLA merges equal
+# expressions, so each use of a lean Γ gets its own and none is shared (see below).
+_SOFT_THRESHOLDS = (
+    lambda v, t: jnp.sign(v) * jnp.maximum(jnp.abs(v) - t, 0),
+    lambda v, t: v - jnp.clip(v, -t, t),
+    lambda v, t: jnp.maximum(v - t, 0) + jnp.minimum(v + t, 0),
+)
+
+
+def _gamma_times(c, v, gam, gamma_of: Optional[LeafProx], spelling: int):
+  """c·Γ: the stored Γ, or in lean mode κ·Prox_t(V) spelled in way ``spelling``.
+
+  A group Γ is (κ·scale_g)·V: the per-group scales are a small array, so
+  c·κ·scale_g differs for every c. A lasso Γ uses one of three soft-thresholds.
+  """
+  if gam is not None:
+    return c * gam
+  pe, t = gamma_of.penalty, gamma_of.threshold
+  if pe.kind == "lasso":
+    return (c * gamma_of.scale) * _SOFT_THRESHOLDS[spelling](v, t)
+  scales = group_scales(v, pe.reduce_axes, t, gamma_of.axis_name)
+  return (c * gamma_of.scale * scales) * v
+
+
+def fused_penalized_leaf_step(g, w, b, v, gam, prox_v: LeafProx, gamma_of: Optional[LeafProx],
+                              h, *, nesterov: bool, coupling: str):
   r""":func:`~optax_splitlbi.transform.penalized_leaf_step`, spelled for multi-output fusion.
 
   With s = κα, the direction G·g̃' + B·b of the momentum step (G, B = 1, τ;
@@ -89,21 +126,26 @@ def fused_penalized_leaf_step(g, w, b, v, gam, prox_v, h, *, nesterov: bool, cou
       V'     = V + (α/ν)·(W − Γ)
       Γ'     = κ·Prox(V − (α/ν)·(Γ − W))   (V' spelled apart: a lasso Γ' joins the kernel)
 
-  The decay g̃ = g + β·W is expanded too (β joins W's coefficient). Same
-  arguments and returns as the equations form.
+  The decay g̃ = g + β·W is expanded too (β joins W's coefficient), and in
+  lean mode each use of Γ = κ·Prox_t(V) is spelled apart (:func:`_gamma_times`).
+  Same arguments and returns as the equations form.
   """
   tau, step, beta = h.momentum, h.kappa * h.alpha, h.weight_decay or 0
   big_g, big_b = (1 + tau, tau * tau) if nesterov else (1, tau)
   c = big_g if coupling == "momentum" else 1
   c_w = step * big_g * beta + step * c / h.nu
-  w_step = -(step * big_g) * g - (step * big_b) * b - c_w * w + (step * c / h.nu) * gam
+  w_step = (-(step * big_g) * g - (step * big_b) * b - c_w * w
+            + _gamma_times(step * c / h.nu, v, gam, gamma_of, 0))
   b_next = tau * b + g if h.weight_decay is None else tau * b + g + beta * w
   if coupling == "momentum":
-    b_next = b_next + w / h.nu - gam / h.nu
-  v_next = v + (h.alpha / h.nu) * (w - gam)
+    b_next = b_next + w / h.nu - _gamma_times(1 / h.nu, v, gam, gamma_of, 2)
+  v_next = v + (h.alpha / h.nu) * (w - _gamma_times(1, v, gam, gamma_of, 1))
   # A lasso Γ' is elementwise and joins the kernel if V' is spelled apart; a
   # group Γ' needs the norms of V' first, so it reads the kernel's V'.
-  v_prox = v - (h.alpha / h.nu) * (gam - w) if prox_v.elementwise else v_next
+  if prox_v.elementwise:
+    v_prox = v - (h.alpha / h.nu) * (_gamma_times(1, v, gam, gamma_of, 2) - w)
+  else:
+    v_prox = v_next
   gam_next = h.kappa * prox_v(v_prox)
   return w_step, b_next, v_next, gam_next
 

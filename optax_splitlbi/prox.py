@@ -136,20 +136,23 @@ def active(v: jax.Array, penalty: LeafPenalty, threshold, axis_name: Any = None)
 
 @dataclasses.dataclass(frozen=True)
 class LeafProx:
-  """Prox_{tΩ} of one leaf as a function of V (``LeafProx(penalty, t)(v)``).
+  """c·Prox_{tΩ} of one leaf as a function of V (``LeafProx(penalty, t)(v)``).
 
   Attributes:
     penalty: the leaf's :class:`LeafPenalty`.
     threshold: t.
     axis_name: mesh axes splitting the leaf's groups inside ``shard_map``.
+    scale: c (e.g. κ, for Γ = κ·Prox_t(V)).
   """
 
   penalty: LeafPenalty
   threshold: Any
   axis_name: Any = None
+  scale: Any = 1
 
   def __call__(self, v: jax.Array) -> jax.Array:
-    return prox(v, self.penalty, self.threshold, self.axis_name)
+    out = prox(v, self.penalty, self.threshold, self.axis_name)
+    return out if isinstance(self.scale, int) and self.scale == 1 else self.scale * out
 
   @property
   def elementwise(self) -> bool:

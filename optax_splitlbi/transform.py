@@ -78,6 +78,7 @@ class Hyperparams(NamedTuple):
   nu: Any  # ν
   momentum: Any  # τ
   weight_decay: Any  # β of this leaf; None: no decay term
+  count: jax.Array  # k, the number of updates done before this one
 
 
 def momentum_step(b: jax.Array, g: jax.Array, tau, nesterov: bool):
@@ -109,13 +110,14 @@ def sgd_leaf_step(g: jax.Array, w: jax.Array, b: jax.Array, h: Hyperparams, *,
   return -h.kappa * h.alpha * direction, b_next
 
 
-def _identity(x: jax.Array) -> jax.Array:
-  return x
+def _call(fn: Callable[..., jax.Array], *args) -> jax.Array:
+  return fn(*args)
 
 
 def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
-                        h: Hyperparams, *, nesterov: bool, coupling: str,
-                        own_buffer: Callable[[jax.Array], jax.Array] = _identity):
+                        gamma_of: Optional[prox_lib.LeafProx], h: Hyperparams, *,
+                        nesterov: bool, coupling: str,
+                        own_buffer: Callable[..., jax.Array] = _call):
   r"""One SplitLBI step of a penalized leaf (paper eqs. 4, 12-14).
 
   Args:
@@ -123,20 +125,25 @@ def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
     w: W.
     b: the momentum buffer b.
     v: the dual variable V.
-    gam: Γ (stored, or κ·Prox(V) recomputed in lean mode).
+    gam: the stored Γ, or ``None`` in lean mode (``store_gamma=False``).
     prox_v: Prox_{λΩ} of this leaf, a function of V (soft-threshold or group
       shrinkage at the leaf's threshold t).
+    gamma_of: lean mode: V ↦ Γ = κ·Prox_t(V) with the κ and t of the last step.
     h: the step's hyperparameters α, κ, ν, τ and this leaf's β.
     nesterov: step along g̃ + τ·b'.
     coupling: ``"outside"`` (official code) or ``"momentum"`` (paper eq. 12).
-    own_buffer: applied to the coupling gradient; identity except in the
-      XLA:CPU form (:mod:`optax_splitlbi._xla_cpu`).
+    own_buffer: ``own_buffer(fn, *args)`` computes the coupling gradient;
+      ``fn(*args)`` except in the XLA:CPU form (:mod:`optax_splitlbi._xla_cpu`).
 
   Returns:
     ``(W' − W, b', V', Γ')``.
   """
+
+  def coupling_gradient(w, v, gam):  # ∇_W ‖W − Γ‖²/(2ν)
+    return (w - (gamma_of(v) if gam is None else gam)) / h.nu
+
   g = decayed(g, w, h)  # g̃ = ∇L(W) + β·W
-  coupling_grad = own_buffer((w - gam) / h.nu)  # ∇_W ‖W − Γ‖²/(2ν)
+  coupling_grad = own_buffer(coupling_gradient, w, v, gam)  # (W − Γ)/ν
   if coupling == "momentum":
     g = g + coupling_grad  # eq. 12: through the momentum
   b_next, direction = momentum_step(b, g, h.momentum, nesterov)  # b' = τ·b + g̃
@@ -160,9 +167,10 @@ class _Leaf(NamedTuple):
   penalty: Optional[penalties_lib.LeafPenalty]
   threshold: Any
   axis_name: tuple
+  gamma_of: Optional[prox_lib.LeafProx]  # lean mode: V ↦ Γ of the last step
 
 
-def _leaf_update(leaf: _Leaf, h: Hyperparams, count: jax.Array, steps) -> _Leaf:
+def _leaf_update(leaf: _Leaf, h: Hyperparams, steps) -> _Leaf:
   """The update and new state of one leaf, computed in its state's precision.
 
   ``steps`` = (penalized step, SGD step) of the chosen form. Returns a
@@ -177,15 +185,16 @@ def _leaf_update(leaf: _Leaf, h: Hyperparams, count: jax.Array, steps) -> _Leaf:
                          momentum=b_next.astype(leaf.momentum.dtype))
   pe, t, axes = leaf.penalty, leaf.threshold, leaf.axis_name
   prox_v = prox_lib.LeafProx(pe, t, axes)
-  v, gam = leaf.v.astype(ctype), leaf.gamma.astype(ctype)
-  update, b_next, v_next, gam_next = penalized_step(g, w, b, v, gam, prox_v, h)
+  v = leaf.v.astype(ctype)
+  gam = None if leaf.gamma is None else leaf.gamma.astype(ctype)
+  update, b_next, v_next, gam_next = penalized_step(g, w, b, v, gam, prox_v, leaf.gamma_of, h)
   entry = leaf.entry
   if entry is not None:  # the first step at which the group entered supp Γ
     entered = prox_lib.active(v_next, pe, t, axes) & (entry < 0)
-    entry = jnp.where(entered, count + 1, entry).astype(jnp.int32)
+    entry = jnp.where(entered, h.count + 1, entry).astype(jnp.int32)
   return leaf._replace(
       grad=update.astype(leaf.grad.dtype), momentum=b_next.astype(leaf.momentum.dtype),
-      v=v_next.astype(leaf.v.dtype), gamma=gam_next.astype(leaf.gamma.dtype), entry=entry)
+      v=v_next.astype(leaf.v.dtype), gamma=gam_next.astype(leaf.v.dtype), entry=entry)
 
 
 def _leaf_steps(form: str, nesterov: bool, coupling: str):
@@ -195,7 +204,7 @@ def _leaf_steps(form: str, nesterov: bool, coupling: str):
   if form == "equations":
     return equations
   if form == "buffered":
-    cpu = (functools.partial(equations[0], own_buffer=_xla_cpu.own_buffer), equations[1])
+    cpu = (functools.partial(_xla_cpu.buffered_leaf_step, equations[0]), equations[1])
   else:
     cpu = (functools.partial(_xla_cpu.fused_penalized_leaf_step, nesterov=nesterov,
                              coupling=coupling),
@@ -343,7 +352,8 @@ def splitlbi(
     del extra_args
     _checks.update_inputs(updates, state, params)
     alpha = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    h = Hyperparams(alpha=alpha, kappa=kappa, nu=nu, momentum=momentum, weight_decay=None)
+    h = Hyperparams(alpha=alpha, kappa=kappa, nu=nu, momentum=momentum, weight_decay=None,
+                    count=state.count)
     treedef = jax.tree.structure(params)
     decays = _decay_per_leaf(weight_decay, decay_mask, params)
     layouts = treedef.flatten_up_to(state.penalty)
@@ -351,11 +361,12 @@ def splitlbi(
     _checks.same_layout(resolved, layouts, params)
     thresholds = _thresholds(resolved, layouts, lam)
     axes = _shard_map.group_split_axes(param_specs, params, layouts)
-    gam = state.gamma if store_gamma else recompute_gamma(state, axes)
     fields = [treedef.flatten_up_to(x) if x is not None else [None] * treedef.num_leaves
-              for x in (updates, params, state.momentum, state.v, gam, state.entry)]
-    new = [_leaf_update(_Leaf(*f, pe, t, ax), h._replace(weight_decay=beta), state.count, steps)
-           for *f, pe, t, ax, beta in zip(*fields, layouts, thresholds, axes, decays)]
+              for x in (updates, params, state.momentum, state.v, state.gamma, state.entry)]
+    gamma_of = [None] * len(layouts) if store_gamma else _gamma_functions(state, layouts, axes)
+    new = [_leaf_update(_Leaf(*f, pe, t, ax, gof), h._replace(weight_decay=beta), steps)
+           for *f, pe, t, ax, gof, beta in zip(*fields, layouts, thresholds, axes, gamma_of,
+                                              decays)]
     unflat = lambda name: treedef.unflatten([getattr(x, name) for x in new])  # noqa: E731
     new_state = SplitLBIState(
         count=optax.safe_increment(state.count), momentum=unflat("momentum"), v=unflat("v"),
@@ -367,27 +378,27 @@ def splitlbi(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def recompute_gamma(state: SplitLBIState, axis_names: Optional[list] = None) -> Any:
+def _gamma_functions(state: SplitLBIState, layouts: list, axis_names: list) -> list:
+  """Per leaf, V ↦ Γ = κ·Prox_t(V) with the state's κ and thresholds (``None`` if unpenalized)."""
+  thresholds = iter(state.threshold)
+  return [None if pe is None else prox_lib.LeafProx(pe, next(thresholds), ax, state.kappa)
+          for pe, ax in zip(layouts, axis_names)]
+
+
+def recompute_gamma(state: SplitLBIState) -> Any:
   """Γ = κ·Prox_t(V) from the state's V, κ and thresholds (paper eq. 4c).
 
   The Γ the last update left: equal to the stored Γ of ``store_gamma=True``,
   also when κ or λ changed between steps (``optax.inject_hyperparams``).
-
-  Args:
-    state: a :class:`SplitLBIState`.
-    axis_names: per leaf, the ``shard_map`` mesh axes that split its groups.
 
   Returns:
     Γ with the params' structure, ``MaskedNode`` on unpenalized leaves.
   """
   v, treedef = jax.tree.flatten(state.v, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
   layouts = treedef.flatten_up_to(state.penalty)
-  axis_names = axis_names or [()] * len(v)
-  thresholds = iter(state.threshold)
-  out = [_MASKED if pe is None else
-         (state.kappa * prox_lib.prox(x, pe, next(thresholds), ax)).astype(x.dtype)
-         for x, pe, ax in zip(v, layouts, axis_names)]
-  return treedef.unflatten(out)
+  fns = _gamma_functions(state, layouts, [()] * len(v))
+  return treedef.unflatten([_MASKED if fn is None else fn(x).astype(x.dtype)
+                            for x, fn in zip(v, fns)])
 
 
 def _default_decay_mask(params):
