@@ -168,6 +168,7 @@ class _Leaf(NamedTuple):
   threshold: Any
   axis_name: tuple
   gamma_of: Optional[prox_lib.LeafProx]  # lean mode: V ↦ Γ of the last step
+  weight_decay: Any  # β, or None where the leaf is not decayed
 
 
 def _leaf_update(leaf: _Leaf, h: Hyperparams, steps) -> _Leaf:
@@ -177,6 +178,7 @@ def _leaf_update(leaf: _Leaf, h: Hyperparams, steps) -> _Leaf:
   :class:`_Leaf` whose ``grad`` field holds the update W' − W.
   """
   penalized_step, sgd_step = steps
+  h = h._replace(weight_decay=leaf.weight_decay)
   ctype = jnp.promote_types(leaf.momentum.dtype, leaf.param.dtype)
   g, w, b = (x.astype(ctype) for x in (leaf.grad, leaf.param, leaf.momentum))
   if leaf.penalty is None:
@@ -224,30 +226,30 @@ def _thresholds(resolved: list, layouts: list, lam) -> list:
   return out
 
 
+def _no_entry_yet(p: jax.Array, layout: penalties_lib.LeafPenalty) -> jax.Array:
+  """−1 per group (keepdims layout), sharded as ``p`` on the group-index axes."""
+  group_shape = jnp.sum(jnp.zeros_like(p, jnp.int32), layout.reduce_axes, keepdims=True)
+  return jnp.full_like(group_shape, -1)  # the sum is dead code under jit
+
+
 def _init_leaves(params, resolved: list, state_dtype, store_gamma: bool, record_path: bool):
-  """Zero b, V, Γ and the −1 entry record of every leaf (lists in leaf order).
+  """Zero b, V, Γ and the −1 entry record of every leaf (lists in leaf order; ``None``
+  for a field the options leave out).
 
   ``zeros_like`` keeps each parameter's sharding (the state follows the
   params), and every call makes its own buffer, so the state can be donated.
   """
-  leaves = jax.tree.leaves(params)
   out = {"momentum": [], "v": [], "gamma": [], "entry": []}
-  for p, r in zip(leaves, resolved):
-    dtype = p.dtype if state_dtype is None else jnp.dtype(state_dtype)
-    out["momentum"].append(jnp.zeros_like(p, dtype))
-    if r is None:
-      for k in ("v", "gamma", "entry"):
-        out[k].append(_MASKED)
-      continue
-    out["v"].append(jnp.zeros_like(p, dtype))
-    out["gamma"].append(jnp.zeros_like(p, dtype))
-    # keepdims layout, sharded as p on the group-index axes (the sum is dead code under jit)
-    group_shape = jnp.sum(jnp.zeros_like(p, jnp.int32), r.layout.reduce_axes, keepdims=True)
-    out["entry"].append(jnp.full_like(group_shape, -1))
-  if not store_gamma:
-    out["gamma"] = None
-  if not record_path:
-    out["entry"] = None
+  for p, r in zip(jax.tree.leaves(params), resolved):
+    zeros = functools.partial(jnp.zeros_like, p, state_dtype or p.dtype)
+    out["momentum"].append(zeros())
+    out["v"].append(_MASKED if r is None else zeros())
+    if store_gamma:
+      out["gamma"].append(_MASKED if r is None else zeros())
+    if record_path:
+      out["entry"].append(_MASKED if r is None else _no_entry_yet(p, r.layout))
+  out["gamma"] = out["gamma"] if store_gamma else None
+  out["entry"] = out["entry"] if record_path else None
   return out
 
 
@@ -354,28 +356,45 @@ def splitlbi(
     alpha = learning_rate(state.count) if callable(learning_rate) else learning_rate
     h = Hyperparams(alpha=alpha, kappa=kappa, nu=nu, momentum=momentum, weight_decay=None,
                     count=state.count)
-    treedef = jax.tree.structure(params)
-    decays = _decay_per_leaf(weight_decay, decay_mask, params)
-    layouts = treedef.flatten_up_to(state.penalty)
-    resolved = _resolve(penalty, params)
-    _checks.same_layout(resolved, layouts, params)
-    thresholds = _thresholds(resolved, layouts, lam)
-    axes = _shard_map.group_split_axes(param_specs, params, layouts)
-    fields = [treedef.flatten_up_to(x) if x is not None else [None] * treedef.num_leaves
-              for x in (updates, params, state.momentum, state.v, state.gamma, state.entry)]
-    gamma_of = [None] * len(layouts) if store_gamma else _gamma_functions(state, layouts, axes)
-    new = [_leaf_update(_Leaf(*f, pe, t, ax, gof), h._replace(weight_decay=beta), steps)
-           for *f, pe, t, ax, gof, beta in zip(*fields, layouts, thresholds, axes, gamma_of,
-                                              decays)]
-    unflat = lambda name: treedef.unflatten([getattr(x, name) for x in new])  # noqa: E731
-    new_state = SplitLBIState(
-        count=optax.safe_increment(state.count), momentum=unflat("momentum"), v=unflat("v"),
-        gamma=unflat("gamma") if store_gamma else None,
-        entry=unflat("entry") if record_path else None, kappa=_scalar_copy(kappa),
-        threshold=_threshold_vector(thresholds), penalty=state.penalty)
-    return unflat("grad"), new_state
+    leaves, thresholds = _flatten(updates, state, params, penalty=penalty, lam=lam,
+                                  weight_decay=weight_decay, decay_mask=decay_mask,
+                                  param_specs=param_specs)
+    new = [_leaf_update(leaf, h, steps) for leaf in leaves]
+    return _unflatten(new, state, params, kappa=kappa, thresholds=thresholds)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _flatten(updates, state: SplitLBIState, params, *, penalty, lam, weight_decay,
+             decay_mask, param_specs) -> tuple[list, list]:
+  """The inputs of every leaf (:class:`_Leaf`, leaf order) and the thresholds t."""
+  treedef = jax.tree.structure(params)
+  layouts = treedef.flatten_up_to(state.penalty)
+  resolved = _resolve(penalty, params)
+  _checks.same_layout(resolved, layouts, params)
+  thresholds = _thresholds(resolved, layouts, lam)
+  axes = _shard_map.group_split_axes(param_specs, params, layouts)
+  none = [None] * len(layouts)
+  gamma_of = none if state.gamma is not None else _gamma_functions(state, layouts, axes)
+  arrays = [none if x is None else treedef.flatten_up_to(x)
+            for x in (updates, params, state.momentum, state.v, state.gamma, state.entry)]
+  per_leaf = zip(*arrays, layouts, thresholds, axes, gamma_of,
+                 _decay_per_leaf(weight_decay, decay_mask, params))
+  return [_Leaf(*x) for x in per_leaf], thresholds
+
+
+def _unflatten(new: list, state: SplitLBIState, params, *, kappa, thresholds: list):
+  """The updates and the new state from every leaf's :func:`_leaf_update`."""
+  treedef = jax.tree.structure(params)
+
+  def field(name: str, keep: bool = True):
+    return treedef.unflatten([getattr(x, name) for x in new]) if keep else None
+
+  new_state = SplitLBIState(
+      count=optax.safe_increment(state.count), momentum=field("momentum"), v=field("v"),
+      gamma=field("gamma", state.gamma is not None), entry=field("entry", state.entry is not None),
+      kappa=_scalar_copy(kappa), threshold=_threshold_vector(thresholds), penalty=state.penalty)
+  return field("grad"), new_state
 
 
 def _gamma_functions(state: SplitLBIState, layouts: list, axis_names: list) -> list:
