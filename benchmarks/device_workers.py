@@ -98,24 +98,6 @@ def _free() -> None:
 # ----------------------------------------------------------------------------- update
 
 
-def state_bytes_moved(opt, tree) -> int:
-  """3·(param bytes) + 2·(bytes of the state's arrays): each update reads W, g and the
-  state and writes W and the state (the count of :func:`optimizers.bytes_moved`)."""
-  state = jax.eval_shape(opt.init, tree)
-  sbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)
-               if len(x.shape) > 0)
-  return 3 * shapes.num_bytes(tree) + 2 * sbytes
-
-
-def update_bytes(name: str, tree, opt) -> int:
-  """Compulsory bytes of one update: :func:`optimizers.bytes_moved`, or
-  :func:`state_bytes_moved` if the penalty resolution that one uses changed."""
-  try:
-    return optimizers.bytes_moved(name, tree)
-  except Exception:  # pylint: disable=broad-except
-    return state_bytes_moved(opt, tree)
-
-
 def _update_stepper(name: str, tree, grads) -> tuple[RepeatStepper, float]:
   opt = optimizers.make(name)
   params = shapes.materialize(tree, seed=0)
@@ -130,7 +112,7 @@ def _fits_at_once(tree, opts, copy_bytes: int) -> bool:
   if not limit:
     return True
   p = shapes.num_bytes(tree)
-  need = p + copy_bytes + sum(p + (update_bytes(o, tree, optimizers.make(o)) - 3 * p) // 2
+  need = p + copy_bytes + sum(p + (optimizers.bytes_moved(o, tree) - 3 * p) // 2
                               for o in opts)
   return need < 0.6 * limit
 
@@ -171,7 +153,7 @@ def bench_update_tree(tree, rounds: int, copy_bytes: int, deadline: float) -> di
     copy = common.stats(times.pop("copy"))
     bw = 2 * (copy_bytes // 4) * 4 / copy["median"]
     for n in group:
-      st, moved = common.stats(times[n]), update_bytes(n, tree, optimizers.make(n))
+      st, moved = common.stats(times[n]), optimizers.bytes_moved(n, tree)
       out["opts"][n] = {**st, "bytes": moved, "calls_per_sample": calls[n],
                         "compile_s": compile_s[n], "copy_bandwidth": bw,
                         "achieved_bandwidth": moved / st["median"],
