@@ -14,7 +14,7 @@ import pytest
 import optax_splitlbi as sl
 
 PACKAGE = pathlib.Path(sl.__file__).parent
-SOURCES = sorted(PACKAGE.glob("*.py"))
+SOURCES = sorted(PACKAGE.rglob("*.py"))
 MAX_LINES = 60
 
 
@@ -28,7 +28,7 @@ def _code_lines(fn: ast.FunctionDef) -> int:
   return fn.end_lineno - start + 1
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_functions_are_short(path):
   tree = ast.parse(path.read_text(encoding="utf-8"))
   long = {node.name: _code_lines(node) for node in ast.walk(tree)
@@ -38,7 +38,7 @@ def test_functions_are_short(path):
 
 
 @pytest.mark.parametrize("path", [p for p in SOURCES if p.name != "_xla_cpu.py"],
-                         ids=lambda p: p.name)
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_compiler_workarounds_live_in_one_module(path):
   text = path.read_text(encoding="utf-8")
   for needle in ("platform_dependent", "os.environ", "XLA_FLAGS"):
