@@ -13,7 +13,7 @@ from optax_splitlbi.slimming import fold as fold_lib
 from optax_splitlbi.slimming import plan as plan_lib
 from optax_splitlbi.slimming import report as report_lib
 from optax_splitlbi.slimming.graph import build_graph
-from optax_splitlbi.slimming.program import Program, evaluate, trace
+from optax_splitlbi.slimming.program import Program, evaluate, record, trace
 
 _POLICIES = ("fold", "keep")
 
@@ -97,9 +97,9 @@ def _check_masks(cls: plan_lib.Classes, masks: dict, names: list) -> None:
 
 
 def _layers_of(cls: plan_lib.Classes, r: int, names: list) -> str:
-  sites = [s for c in [r] + cls.ancestors(r) for s in cls.producers.get(c, ()) +
-           cls.consumers.get(c, ()) if s.leaf is not None]
-  return ", ".join(sorted({names[s.leaf] for s in sites})) or "an unnamed dimension"
+  sites = [s for c in [r] + cls.ancestors(r) for s in list(cls.producers.get(c, ())) +
+           list(cls.consumers.get(c, ())) if s.leaf is not None]
+  return ", ".join(repr(n) for n in sorted({names[s.leaf] for s in sites})) or "a dimension"
 
 
 def _check_removal(cls: plan_lib.Classes, removed: dict, names: list) -> None:
@@ -199,24 +199,46 @@ def _make_apply(prog: Program, cls: plan_lib.Classes, keep: dict, consts: dict,
   return jax.jit(apply)
 
 
-def _plan(prog, cls, masks, env, masked, batch, names, inexact):
-  """Decides the kept channels and folds the removed ones (see ``slim``)."""
+def _decide(cls, masks, names, forced):
+  removed = plan_lib.removable(cls, masks, forced)
+  _check_removal(cls, removed, names)
+  return removed, plan_lib.keep_indices(cls, removed)
+
+
+def _plan(prog, cls, masks, masked, x_leaves, batch, names, inexact):
+  """Decides the kept channels and folds the removed ones (see ``slim``).
+
+  Returns:
+    ``(keep, folded leaves, folds, forced keeps, masked outputs)``.
+  """
   forced: dict = {}
+  removed, keep = _decide(cls, masks, names, forced)
+  todo, fn = fold_lib.contribution_fn(prog, cls.graph, cls, keep)
+  dense_out, env, first = record(prog, masked, x_leaves,
+                                 fold_lib.needed_values(prog, cls.graph), extra=fn)
+  contribs = dict(zip(todo, first))
   while True:
-    removed = plan_lib.removable(cls, masks, forced)
-    _check_removal(cls, removed, names)
-    keep = plan_lib.keep_indices(cls, removed)
     leaves, folds, contributing = fold_lib.fold_constants(
-        prog, cls.graph, cls, keep, env, masked, batch)
+        prog, cls.graph, cls, contribs, env, masked, batch, keep)
     new = {(r, i) for r, i in contributing if r in removed and removed[r][i]}
     if inexact == "fold" or not new:
-      return keep, leaves, folds, forced
+      return keep, leaves, folds, forced, dense_out
     for r, i in new:
       forced.setdefault(r, set()).add(i)
+    removed, keep = _decide(cls, masks, names, forced)
+    contribs = fold_lib.contributions(prog, cls.graph, cls, keep, env)
+
+
+def _sub_batch(prog, x, fixed: Optional[str], n: int = 4):
+  """The first ``n`` examples of ``x`` when the model allows another batch size."""
+  leaves = jax.tree.leaves(x)
+  if fixed is not None or not leaves or any(np.ndim(a) == 0 for a in leaves):
+    return x
+  return jax.tree.map(lambda a: a[:n], x)
 
 
 def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample_input: Any,
-         *, inexact: str = "fold", count_flops: bool = True) -> SlimModel:
+         *, inexact: str = "fold", count_flops: bool = True, verify: bool = True) -> SlimModel:
   """Removes the pruned channels of a network: a smaller network, same outputs.
 
   The forward pass ``apply_fn(variables, sample_input)`` is traced to a jaxpr;
@@ -244,7 +266,10 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
       where it is not the same at every position (a zero-padded conv) is folded
       at the central position and reported with its error; ``"keep"``: such
       channels are kept instead, so the slim model is exact.
-    count_flops: add XLA's FLOP counts of the dense and slim forward passes.
+    count_flops: add XLA's FLOP counts of the dense and slim forward passes
+      (at the batch size of ``sample_input``).
+    verify: run the slim network on (up to 4 examples of) ``sample_input`` and
+      report its largest difference from the masked model (``max_abs_diff``).
 
   Returns:
     A :class:`SlimModel`.
@@ -265,18 +290,16 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
   g = build_graph(prog)
   cls = plan_lib.group_classes(g)
   _check_masks(cls, masks_, names)
-  x_leaves = jax.tree.leaves(sample_input)
-  dense_out, env = evaluate(prog, masked, x_leaves, record=True)
   batch = _batch_roots(prog, cls)
-  keep, folded, folds, forced = _plan(prog, cls, masks_, env, masked, batch, names, inexact)
+  fixed = _batch_fixed_reason(prog, cls, batch)
+  probe = _sub_batch(prog, sample_input, fixed)
+  keep, folded, folds, forced, dense_out = _plan(
+      prog, cls, masks_, masked, jax.tree.leaves(probe), batch, names, inexact)
   cut = [_slice(x, g.dims[v], cls, keep) for v, x in zip(prog.variables, folded)]
   consts = {v: _slice(c, g.dims[v], cls, keep)[0] for v, c in prog.consts.items()}
-  slim_vars = treedef.unflatten([jax.numpy.asarray(x) for x, _ in cut])
-  slim_apply = _make_apply(prog, cls, keep, consts, batch,
-                           _batch_fixed_reason(prog, cls, batch))
-  slim_out = jax.tree.leaves(slim_apply(slim_vars, sample_input))
-  diff = max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-              for a, b in zip(slim_out, dense_out) if np.size(a)), default=0.0)
+  slim_vars = treedef.unflatten(jax.device_put([x for x, _ in cut]))
+  slim_apply = _make_apply(prog, cls, keep, consts, batch, fixed)
+  diff = _max_diff(jax.tree.leaves(slim_apply(slim_vars, probe)), dense_out) if verify else None
   report = dict(
       layers=report_lib.layer_report(cls, masks_, keep, forced, names,
                                      ([np.shape(x) for x in leaves], [x.shape for x, _ in cut])),
@@ -285,9 +308,134 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
                   masked=int(sum(np.count_nonzero(x) for x in
                                  jax.tree.leaves(report_lib.params_of(treedef.unflatten(masked))))),
                   slim=report_lib.count(report_lib.params_of(slim_vars))),
-      max_abs_diff=diff,
+      max_abs_diff=diff, batch_resizable=fixed is None,
       max_abs_output=max((float(np.max(np.abs(a))) for a in dense_out if np.size(a)), default=0.),
       flops=dict(dense=report_lib.flops(apply_fn, variables, sample_input),
-                 slim=report_lib.flops(slim_apply, slim_vars, sample_input))
-      if count_flops else None)
+                 slim=report_lib.flops(slim_apply, slim_vars, sample_input),
+                 batch=jax.tree.leaves(sample_input)[0].shape[0]) if count_flops else None)
   return SlimModel(slim_vars, slim_apply, report, treedef.unflatten([k for _, k in cut]))
+
+
+def _max_diff(a_leaves, b_leaves) -> float:
+  return max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+              for a, b in zip(a_leaves, b_leaves) if np.size(a)), default=0.0)
+
+
+def _check_same_outputs(expected, got, what: str) -> None:
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(a).max())):
+      raise ValueError(f"{what} does not compute the slim network (max difference "
+                       f"{np.abs(a - b).max() if a.shape == b.shape else 'shape'}).")
+
+
+def slim_linen(model, variables: Any, masks: Any, sample_input: Any, *, inexact: str = "fold",
+               count_flops: bool = True, verify: bool = True, **apply_kwargs) -> SlimModel:
+  """:func:`slim` for a Linen module; also rebuilds the module at the slim widths.
+
+  The module must define ``resized(self, shapes) -> nn.Module``: given the slim
+  params' shapes (a params-structured tree of shape tuples) it returns a copy
+  of itself whose layers have those widths (the example models do; see
+  docs/slimming.md). The rebuilt module's parameter shapes and outputs are
+  checked against the slim network.
+
+  Args:
+    model: the Linen module.
+    variables: ``model.init(...)``-style variables (``params``, ``batch_stats``).
+    masks: see :func:`slim` (params-structured).
+    sample_input: an input batch.
+    inexact, count_flops: see :func:`slim`.
+    verify: as in :func:`slim`, and check the rebuilt module's outputs.
+    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
+
+  Returns:
+    A :class:`SlimModel` whose ``module`` is the slim Linen module.
+  """
+  res = slim(lambda v, x: model.apply(v, x, **apply_kwargs), variables, masks, sample_input,
+             inexact=inexact, count_flops=count_flops, verify=verify)
+  if not hasattr(model, "resized"):
+    raise TypeError(f"slim_linen: {type(model).__name__} has no resized(shapes) method; add "
+                    "one (docs/slimming.md) or use slim(), whose apply_fn runs any model.")
+  new = model.resized(jax.tree.map(np.shape, res.variables["params"]))
+  init = jax.eval_shape(lambda: new.init(jax.random.key(0), sample_input, **apply_kwargs))
+  want = {k: jax.tree.map(np.shape, v) for k, v in res.variables.items()}
+  got = {k: jax.tree.map(lambda a: a.shape, init[k]) for k in want if k in init}
+  if got != want:
+    bad = [n for n, a, b in zip(_names(want), jax.tree.leaves(want), jax.tree.leaves(got))
+           if a != b] if jax.tree.structure(got) == jax.tree.structure(want) else ["structure"]
+    raise ValueError(f"slim_linen: {type(model).__name__}.resized built a module whose "
+                     f"variables differ from the slim ones at {bad[:3]}.")
+  if not verify:
+    return dataclasses.replace(res, module=new)
+  probe = _sub_batch(None, sample_input, None if res.report["batch_resizable"] else "fixed")
+  _check_same_outputs(
+      res.apply_fn(res.variables, probe),
+      jax.jit(lambda v, x: new.apply(v, x, **apply_kwargs))(res.variables, probe),
+      f"slim_linen: {type(model).__name__}.resized(...)")
+  return dataclasses.replace(res, module=new)
+
+
+def _nnx_features(module) -> None:
+  """Sets an NNX layer's feature attributes from its (slim) parameter shapes."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
+    module.in_features = module.kernel.shape[-2] * getattr(module, "feature_group_count", 1)
+    module.out_features = module.kernel.shape[-1]
+  elif isinstance(module, nnx.Linear):
+    module.in_features, module.out_features = module.kernel.shape
+  elif isinstance(module, nnx.LinearGeneral):
+    n_in = len(module.in_features)
+    module.in_features = tuple(module.kernel.shape[:n_in])
+    module.out_features = tuple(module.kernel.shape[n_in:])
+  elif isinstance(module, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)):
+    stats = [getattr(module, a, None) for a in ("scale", "bias", "mean", "var")]
+    module.num_features = next(s.shape[-1] for s in stats if s is not None)
+  elif isinstance(module, nnx.MultiHeadAttention):
+    q = module.query.kernel
+    module.in_features, module.num_heads, module.head_dim = q.shape
+    module.qkv_features = module.num_heads * module.head_dim
+    module.out_features = module.out.kernel.shape[-1]
+    if hasattr(module, "num_kv_heads"):
+      module.num_kv_heads = module.key.kernel.shape[1]
+
+
+def slim_nnx(model, masks: Any, sample_input: Any, *, inexact: str = "fold",
+             count_flops: bool = True, verify: bool = True) -> SlimModel:
+  """:func:`slim` for a Flax NNX module: a new module with the slim arrays.
+
+  Every ``nnx.Variable`` (params, BatchNorm statistics, ...) is cut to the
+  kept channels and the feature attributes of the standard layers (``Linear``,
+  ``LinearGeneral``, ``Conv``, ``BatchNorm``, ``LayerNorm``,
+  ``MultiHeadAttention``, ...) are set from the new shapes. ``model`` itself is
+  not changed. Call it with the model in eval mode (``model.eval()``) so
+  BatchNorm uses its running statistics.
+
+  Args:
+    model: the NNX module, called as ``model(x)``.
+    masks: masks with the structure of ``nnx.state(model, nnx.Param)`` (e.g.
+      ``support(optimizer.opt_state)``), see :func:`slim`.
+    sample_input: an input batch.
+    inexact, count_flops: see :func:`slim`.
+    verify: as in :func:`slim`, and check the new module's outputs.
+
+  Returns:
+    A :class:`SlimModel` whose ``module`` is the new NNX module and whose
+    ``variables`` are ``{"params": State, "rest": State}``.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def apply_fn(v, x):
+    return nnx.merge(graphdef, v["params"], v["rest"])(x)
+
+  res = slim(apply_fn, {"params": params, "rest": rest}, masks, sample_input,
+             inexact=inexact, count_flops=count_flops, verify=verify)
+  new = nnx.merge(graphdef, res.variables["params"], res.variables["rest"])
+  for _, module in nnx.iter_modules(new):
+    _nnx_features(module)
+  if not verify:
+    return dataclasses.replace(res, module=new)
+  probe = _sub_batch(None, sample_input, None if res.report["batch_resizable"] else "fixed")
+  _check_same_outputs(res.apply_fn(res.variables, probe), nnx.jit(lambda m, x: m(x))(new, probe),
+                      f"slim_nnx: the rebuilt {type(model).__name__}")
+  return dataclasses.replace(res, module=new)

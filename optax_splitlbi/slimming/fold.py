@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import jax
 import numpy as np
 
 from optax_splitlbi.slimming.graph import Contraction, DimGraph
@@ -115,17 +116,53 @@ def fold_target(prog: Program, g: DimGraph, users: dict, producer: dict, out: in
     v = op.outputs[0]
 
 
-def _contribution(prog, g, cls, keep, env, c: Contraction):
-  """The removed channels' part of the consumer's output (None if nothing removed)."""
-  op = prog.ops[c.op]
-  act = op.inputs[c.act]
-  a = np.asarray(env[act])
-  mask = _removed_mask(a.ndim, g.of(act), c.contracted, cls, keep)
-  if mask is None:
-    return None
-  args = [i.val if isinstance(i, Lit) else env[i] for i in op.inputs]
-  args[c.act] = np.where(mask, a, np.zeros((), a.dtype))
-  return np.asarray(op.prim.bind(*args, **op.params), np.float64)
+def needed_values(prog: Program, g: DimGraph) -> set:
+  """Value ids folding reads: operands of contractions and of scalings."""
+  out = set()
+  for c in g.contractions:
+    out.update(i for i in prog.ops[c.op].inputs if isinstance(i, int))
+  for op in prog.ops:
+    if op.name in ("mul", "div"):
+      out.update(i for i in op.inputs if isinstance(i, int) and not g.is_dependent(i))
+  return out
+
+
+def contribution_fn(prog: Program, g: DimGraph, cls: Classes, keep: dict):
+  """The removed channels' part of each consumer's output, as a function.
+
+  Returns:
+    ``(contractions, fn)``: ``fn(read)`` computes, from ``read(value id)`` (the
+    masked model's values), each listed contraction applied to its activation
+    restricted to the removed channels.
+  """
+  todo, masks = [], []
+  for c in g.contractions:
+    act = prog.ops[c.op].inputs[c.act]
+    mask = _removed_mask(len(prog.shapes[act]), g.of(act), c.contracted, cls, keep)
+    if mask is not None:
+      todo.append(c)
+      masks.append(mask)
+
+  def fn(read):
+    outs = []
+    for c, m in zip(todo, masks):
+      op = prog.ops[c.op]
+      args = [i.val if isinstance(i, Lit) else read(i) for i in op.inputs]
+      args[c.act] = args[c.act] * m.astype(args[c.act].dtype)
+      outs.append(op.prim.bind(*args, **op.params))
+    return outs
+
+  return todo, fn
+
+
+def contributions(prog: Program, g: DimGraph, cls: Classes, keep: dict, env: dict) -> dict:
+  """:func:`contribution_fn` evaluated (jitted) on recorded values."""
+  todo, fn = contribution_fn(prog, g, cls, keep)
+  if not todo:
+    return {}
+  ids = sorted({i for c in todo for i in prog.ops[c.op].inputs if isinstance(i, int)})
+  outs = jax.jit(lambda vals: fn(dict(zip(ids, vals)).__getitem__))([env[i] for i in ids])
+  return dict(zip(todo, map(np.asarray, outs)))
 
 
 def _one_example(e: np.ndarray, dims, cls: Classes, batch_roots: set, where: str):
@@ -192,16 +229,18 @@ def _weight_axis(op, c: Contraction, j: int) -> Optional[int]:
   return None
 
 
-def fold_constants(prog: Program, g: DimGraph, cls: Classes, keep: dict, env: dict,
-                   leaves: list, batch_roots: set):
+def fold_constants(prog: Program, g: DimGraph, cls: Classes, contribs: dict, env: dict,
+                   leaves: list, batch_roots: set, keep: dict):
   """Adds every consumer's removed-channel contribution to its bias.
 
   Args:
     prog, g, cls: the traced model and its classes.
-    keep: root → kept indices (see :func:`.plan.keep_indices`).
+    contribs: contraction → its removed channels' contribution (see
+      :func:`contributions`).
     env: recorded values of the masked dense model on the sample input.
     leaves: the masked variable leaves (numpy); a copy is returned.
     batch_roots: classes of the inputs' leading (batch) axis.
+    keep: root → kept indices (see :func:`.plan.keep_indices`).
 
   Returns:
     ``(new leaves, folds, contributing)``: ``contributing`` holds, for the folds
@@ -211,10 +250,8 @@ def fold_constants(prog: Program, g: DimGraph, cls: Classes, keep: dict, env: di
   leaves = [np.array(x) for x in leaves]
   users, producer = prog.users(), prog.producer()
   folds, contributing = [], set()
-  for c in g.contractions:
-    e = _contribution(prog, g, cls, keep, env, c)
-    if e is None:
-      continue
+  for c, e in contribs.items():
+    e = np.asarray(e, np.float64)
     op = prog.ops[c.op]
     e, scale = _one_example(e, g.of(op.outputs[0]), cls, batch_roots, op.where)
     if scale == 0.0:

@@ -254,3 +254,28 @@ def evaluate(prog: Program, variables: Sequence[Any], inputs: Sequence[Any], *,
     env.update(zip(op.outputs, out))
   outs = [read(o) for o in prog.outputs]
   return (outs, env) if record else outs
+
+
+def record(prog: Program, variables: Sequence[Any], inputs: Sequence[Any],
+           wanted: Sequence[int], extra: Optional[Callable[[Callable], Any]] = None):
+  """Runs ``prog`` once (jitted) and returns outputs and chosen intermediate values.
+
+  Args:
+    prog: the program.
+    variables, inputs: flat leaves.
+    wanted: value ids to return (e.g. the activations entering each layer).
+    extra: optional ``fn(read)`` computed in the same jitted call from
+      ``read(value id)``; its result is returned too.
+
+  Returns:
+    ``(outputs, {value id: numpy array}, extra result)``.
+  """
+  wanted = sorted(set(wanted))
+
+  def run(var_leaves, in_leaves):
+    outs, env = evaluate(prog, var_leaves, in_leaves, record=True)
+    return outs, [env[i] for i in wanted], extra(env.__getitem__) if extra else None
+
+  outs, values, more = jax.jit(run)(list(variables), list(inputs))
+  as_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
+  return as_np(outs), dict(zip(wanted, as_np(values))), as_np(more)

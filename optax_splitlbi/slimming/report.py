@@ -124,6 +124,7 @@ def format_slim_report(report: dict) -> str:
     f = report["flops"]
     lines.append(f"FLOPs (XLA): dense {f['dense']:,.0f}, slim {f['slim']:,.0f} "
                  f"({f['dense'] / max(f['slim'], 1):.2f}x fewer)")
-  lines.append(f"max |slim - masked| on the sample: {report['max_abs_diff']:.3g} "
-               f"(outputs up to {report['max_abs_output']:.3g})")
+  if report.get("max_abs_diff") is not None:
+    lines.append(f"max |slim - masked| on the sample: {report['max_abs_diff']:.3g} "
+                 f"(outputs up to {report['max_abs_output']:.3g})")
   return "\n".join(lines)
