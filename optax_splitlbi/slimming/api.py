@@ -47,6 +47,11 @@ def _names(tree: Any) -> list[str]:
           for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def _strip_value(name: str) -> str:
+  """NNX states end paths in ``/value`` (the Variable's field); masks may not."""
+  return name[:-len("/value")] if name.endswith("/value") else name
+
+
 def _mask_prefix(variables: Any, masks: Any) -> str:
   """Masks may match the whole variables or (Linen / NNX style) ``variables["params"]``."""
   if isinstance(variables, Mapping) and "params" in variables:
@@ -66,14 +71,14 @@ def leaf_masks(variables: Any, masks: Any) -> dict[int, np.ndarray]:
       not broadcast to the variable's.
   """
   names = _names(variables)
-  index = {n: i for i, n in enumerate(names)}
+  index = {_strip_value(n): i for i, n in enumerate(names)}
   leaves = jax.tree.leaves(variables)
   prefix = _mask_prefix(variables, masks)
   out = {}
   for path, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]:
     if m is None:
       continue
-    name = prefix + jax.tree_util.keystr(path, simple=True, separator="/")
+    name = _strip_value(prefix + jax.tree_util.keystr(path, simple=True, separator="/"))
     if name not in index:
       raise ValueError(f"masks: leaf {name!r} is not a variable of the model; the masks "
                        f"must have the params' tree structure (variables: {names[:6]}...).")
@@ -214,8 +219,8 @@ def _plan(prog, cls, masks, masked, x_leaves, batch, names, inexact):
   forced: dict = {}
   removed, keep = _decide(cls, masks, names, forced)
   todo, fn = fold_lib.contribution_fn(prog, cls.graph, cls, keep)
-  dense_out, env, first = record(prog, masked, x_leaves,
-                                 fold_lib.needed_values(prog, cls.graph), extra=fn)
+  dense_out, env, first = record(prog, masked, x_leaves, fold_lib.needed_values(prog, cls.graph),
+                                 extra=fn, shape_of=_shapes_at_batch(prog, cls, batch, x_leaves))
   contribs = dict(zip(todo, first))
   while True:
     leaves, folds, contributing = fold_lib.fold_constants(
@@ -227,6 +232,16 @@ def _plan(prog, cls, masks, masked, x_leaves, batch, names, inexact):
       forced.setdefault(r, set()).add(i)
     removed, keep = _decide(cls, masks, names, forced)
     contribs = fold_lib.contributions(prog, cls.graph, cls, keep, env)
+
+
+def _shapes_at_batch(prog, cls, batch, x_leaves):
+  """Dense value shapes with the batch axis at the size of ``x_leaves``."""
+  b = np.shape(x_leaves[0])[0] if x_leaves and np.ndim(x_leaves[0]) else None
+  sample = next((prog.shapes[v][0] for v in prog.inputs if prog.shapes[v]), None)
+  if b is None or b == sample:
+    return None
+  size = _class_sizes(cls, {}, {r: b for r in batch})
+  return lambda v: tuple(size(cls.root(n)) for n in cls.graph.dims[v])
 
 
 def _sub_batch(prog, x, fixed: Optional[str], n: int = 4):

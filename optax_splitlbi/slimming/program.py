@@ -257,7 +257,8 @@ def evaluate(prog: Program, variables: Sequence[Any], inputs: Sequence[Any], *,
 
 
 def record(prog: Program, variables: Sequence[Any], inputs: Sequence[Any],
-           wanted: Sequence[int], extra: Optional[Callable[[Callable], Any]] = None):
+           wanted: Sequence[int], extra: Optional[Callable[[Callable], Any]] = None,
+           shape_of: Optional[Callable[[int], tuple]] = None):
   """Runs ``prog`` once (jitted) and returns outputs and chosen intermediate values.
 
   Args:
@@ -266,6 +267,7 @@ def record(prog: Program, variables: Sequence[Any], inputs: Sequence[Any],
     wanted: value ids to return (e.g. the activations entering each layer).
     extra: optional ``fn(read)`` computed in the same jitted call from
       ``read(value id)``; its result is returned too.
+    shape_of: see :func:`evaluate` (e.g. another batch size).
 
   Returns:
     ``(outputs, {value id: numpy array}, extra result)``.
@@ -273,7 +275,7 @@ def record(prog: Program, variables: Sequence[Any], inputs: Sequence[Any],
   wanted = sorted(set(wanted))
 
   def run(var_leaves, in_leaves):
-    outs, env = evaluate(prog, var_leaves, in_leaves, record=True)
+    outs, env = evaluate(prog, var_leaves, in_leaves, shape_of=shape_of, record=True)
     return outs, [env[i] for i in wanted], extra(env.__getitem__) if extra else None
 
   outs, values, more = jax.jit(run)(list(variables), list(inputs))
