@@ -110,11 +110,11 @@ class NNXNet(nnx.Module):
 def _nnx_model(rng):
   model = NNXNet(nnx.Rngs(0))
   state = nnx.state(model)
-  nnx.update(model, jax.tree.map(lambda a: np.asarray(rng.uniform(0.5, 1.5, a.shape)
-                                                      if a.ndim == 1 else a, np.float32), state))
+  nnx.update(model, jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape)
+                                                       if a.ndim == 1 else a, jnp.float32), state))
   for bn in (model.bn1, model.bn2):  # random statistics and shifts, not the init values
-    bn.mean.value = jnp.asarray(rng.normal(0, 0.5, bn.mean.shape), jnp.float32)
-    bn.bias.value = jnp.asarray(rng.normal(0, 0.5, bn.bias.shape), jnp.float32)
+    bn.mean.set_value(jnp.asarray(rng.normal(0, 0.5, bn.mean.shape), jnp.float32))
+    bn.bias.set_value(jnp.asarray(rng.normal(0, 0.5, bn.bias.shape), jnp.float32))
   model.eval()
   return model
 
@@ -133,7 +133,7 @@ def _nnx_masked_output(model, masks, x):
   dense = nnx.clone(model)
   for name in ("conv1", "conv2", "fc1"):
     layer = getattr(dense, name)
-    layer.kernel.value = layer.kernel.value * masks[name]["kernel"]
+    layer.kernel.set_value(layer.kernel.get_value() * masks[name]["kernel"])
   return dense(x)
 
 
