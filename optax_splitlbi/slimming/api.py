@@ -42,7 +42,8 @@ class SlimModel:
   module: Any = None
 
 
-def _names(tree: Any) -> list[str]:
+def leaf_paths(tree: Any) -> list[str]:
+  """Path strings (``a/b/c``) of the leaves of ``tree``."""
   return [jax.tree_util.keystr(p, simple=True, separator="/")
           for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
@@ -70,7 +71,7 @@ def leaf_masks(variables: Any, masks: Any) -> dict[int, np.ndarray]:
     ValueError: naming the mask leaf that is not a variable or whose shape does
       not broadcast to the variable's.
   """
-  names = _names(variables)
+  names = leaf_paths(variables)
   index = {_strip_value(n): i for i, n in enumerate(names)}
   leaves = jax.tree.leaves(variables)
   prefix = _mask_prefix(variables, masks)
@@ -244,12 +245,18 @@ def _shapes_at_batch(prog, cls, batch, x_leaves):
   return lambda v: tuple(size(cls.root(n)) for n in cls.graph.dims[v])
 
 
-def _sub_batch(prog, x, fixed: Optional[str], n: int = 4):
+def sub_batch(x: Any, resizable: bool, n: int = 4) -> Any:
   """The first ``n`` examples of ``x`` when the model allows another batch size."""
   leaves = jax.tree.leaves(x)
-  if fixed is not None or not leaves or any(np.ndim(a) == 0 for a in leaves):
+  if not resizable or not leaves or any(np.ndim(a) == 0 for a in leaves):
     return x
   return jax.tree.map(lambda a: a[:n], x)
+
+
+def max_diff(a_leaves, b_leaves) -> float:
+  """Largest absolute difference between two lists of arrays."""
+  return max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+              for a, b in zip(a_leaves, b_leaves) if np.size(a)), default=0.0)
 
 
 def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample_input: Any,
@@ -297,160 +304,33 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
   if inexact not in _POLICIES:
     raise ValueError(f"inexact must be one of {_POLICIES}, got {inexact!r}.")
   leaves, treedef = jax.tree.flatten(variables)
-  names = _names(variables)
+  leaf_names = leaf_paths(variables)
   masks_ = leaf_masks(variables, masks)
   masked = [np.where(masks_[i], np.asarray(x), np.zeros((), np.asarray(x).dtype))
             if i in masks_ else np.asarray(x) for i, x in enumerate(leaves)]
   prog = trace(apply_fn, treedef.unflatten(masked), sample_input)
-  g = build_graph(prog)
-  cls = plan_lib.group_classes(g)
-  _check_masks(cls, masks_, names)
+  cls = plan_lib.group_classes(build_graph(prog))
+  _check_masks(cls, masks_, leaf_names)
   batch = _batch_roots(prog, cls)
   fixed = _batch_fixed_reason(prog, cls, batch)
-  probe = _sub_batch(prog, sample_input, fixed)
+  probe = sub_batch(sample_input, fixed is None)
   keep, folded, folds, forced, dense_out = _plan(
-      prog, cls, masks_, masked, jax.tree.leaves(probe), batch, names, inexact)
-  cut = [_slice(x, g.dims[v], cls, keep) for v, x in zip(prog.variables, folded)]
-  consts = {v: _slice(c, g.dims[v], cls, keep)[0] for v, c in prog.consts.items()}
+      prog, cls, masks_, masked, jax.tree.leaves(probe), batch, leaf_names, inexact)
+  cut = [_slice(x, cls.graph.dims[v], cls, keep) for v, x in zip(prog.variables, folded)]
+  consts = {v: _slice(c, cls.graph.dims[v], cls, keep)[0] for v, c in prog.consts.items()}
   slim_vars = treedef.unflatten(jax.device_put([x for x, _ in cut]))
   slim_apply = _make_apply(prog, cls, keep, consts, batch, fixed)
-  diff = _max_diff(jax.tree.leaves(slim_apply(slim_vars, probe)), dense_out) if verify else None
   report = dict(
-      layers=report_lib.layer_report(cls, masks_, keep, forced, names,
+      layers=report_lib.layer_report(cls, masks_, keep, forced, leaf_names,
                                      ([np.shape(x) for x in leaves], [x.shape for x, _ in cut])),
-      folds=report_lib.fold_report(folds, names),
+      folds=report_lib.fold_report(folds, leaf_names),
       params=dict(dense=report_lib.count(report_lib.params_of(variables)),
-                  masked=int(sum(np.count_nonzero(x) for x in
-                                 jax.tree.leaves(report_lib.params_of(treedef.unflatten(masked))))),
+                  masked=report_lib.count_nonzero(report_lib.params_of(treedef.unflatten(masked))),
                   slim=report_lib.count(report_lib.params_of(slim_vars))),
-      max_abs_diff=diff, batch_resizable=fixed is None,
+      max_abs_diff=max_diff(jax.tree.leaves(slim_apply(slim_vars, probe)), dense_out)
+      if verify else None,
       max_abs_output=max((float(np.max(np.abs(a))) for a in dense_out if np.size(a)), default=0.),
-      flops=dict(dense=report_lib.flops(apply_fn, variables, sample_input),
-                 slim=report_lib.flops(slim_apply, slim_vars, sample_input),
-                 batch=jax.tree.leaves(sample_input)[0].shape[0]) if count_flops else None)
+      batch_resizable=fixed is None,
+      flops=report_lib.flop_counts(apply_fn, variables, slim_apply, slim_vars, sample_input)
+      if count_flops else None)
   return SlimModel(slim_vars, slim_apply, report, treedef.unflatten([k for _, k in cut]))
-
-
-def _max_diff(a_leaves, b_leaves) -> float:
-  return max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-              for a, b in zip(a_leaves, b_leaves) if np.size(a)), default=0.0)
-
-
-def _check_same_outputs(expected, got, what: str) -> None:
-  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(a).max())):
-      raise ValueError(f"{what} does not compute the slim network (max difference "
-                       f"{np.abs(a - b).max() if a.shape == b.shape else 'shape'}).")
-
-
-def slim_linen(model, variables: Any, masks: Any, sample_input: Any, *, inexact: str = "fold",
-               count_flops: bool = True, verify: bool = True, **apply_kwargs) -> SlimModel:
-  """:func:`slim` for a Linen module; also rebuilds the module at the slim widths.
-
-  The module must define ``resized(self, shapes) -> nn.Module``: given the slim
-  params' shapes (a params-structured tree of shape tuples) it returns a copy
-  of itself whose layers have those widths (the example models do; see
-  docs/slimming.md). The rebuilt module's parameter shapes and outputs are
-  checked against the slim network.
-
-  Args:
-    model: the Linen module.
-    variables: ``model.init(...)``-style variables (``params``, ``batch_stats``).
-    masks: see :func:`slim` (params-structured).
-    sample_input: an input batch.
-    inexact, count_flops: see :func:`slim`.
-    verify: as in :func:`slim`, and check the rebuilt module's outputs.
-    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
-
-  Returns:
-    A :class:`SlimModel` whose ``module`` is the slim Linen module.
-  """
-  res = slim(lambda v, x: model.apply(v, x, **apply_kwargs), variables, masks, sample_input,
-             inexact=inexact, count_flops=count_flops, verify=verify)
-  if not hasattr(model, "resized"):
-    raise TypeError(f"slim_linen: {type(model).__name__} has no resized(shapes) method; add "
-                    "one (docs/slimming.md) or use slim(), whose apply_fn runs any model.")
-  new = model.resized(jax.tree.map(np.shape, res.variables["params"]))
-  init = jax.eval_shape(lambda: new.init(jax.random.key(0), sample_input, **apply_kwargs))
-  want = {k: jax.tree.map(np.shape, v) for k, v in res.variables.items()}
-  got = {k: jax.tree.map(lambda a: a.shape, init[k]) for k in want if k in init}
-  if got != want:
-    bad = [n for n, a, b in zip(_names(want), jax.tree.leaves(want), jax.tree.leaves(got))
-           if a != b] if jax.tree.structure(got) == jax.tree.structure(want) else ["structure"]
-    raise ValueError(f"slim_linen: {type(model).__name__}.resized built a module whose "
-                     f"variables differ from the slim ones at {bad[:3]}.")
-  if not verify:
-    return dataclasses.replace(res, module=new)
-  probe = _sub_batch(None, sample_input, None if res.report["batch_resizable"] else "fixed")
-  _check_same_outputs(
-      res.apply_fn(res.variables, probe),
-      jax.jit(lambda v, x: new.apply(v, x, **apply_kwargs))(res.variables, probe),
-      f"slim_linen: {type(model).__name__}.resized(...)")
-  return dataclasses.replace(res, module=new)
-
-
-def _nnx_features(module) -> None:
-  """Sets an NNX layer's feature attributes from its (slim) parameter shapes."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
-    module.in_features = module.kernel.shape[-2] * getattr(module, "feature_group_count", 1)
-    module.out_features = module.kernel.shape[-1]
-  elif isinstance(module, nnx.Linear):
-    module.in_features, module.out_features = module.kernel.shape
-  elif isinstance(module, nnx.LinearGeneral):
-    n_in = len(module.in_features)
-    module.in_features = tuple(module.kernel.shape[:n_in])
-    module.out_features = tuple(module.kernel.shape[n_in:])
-  elif isinstance(module, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)):
-    stats = [getattr(module, a, None) for a in ("scale", "bias", "mean", "var")]
-    module.num_features = next(s.shape[-1] for s in stats if s is not None)
-  elif isinstance(module, nnx.MultiHeadAttention):
-    q = module.query.kernel
-    module.in_features, module.num_heads, module.head_dim = q.shape
-    module.qkv_features = module.num_heads * module.head_dim
-    module.out_features = module.out.kernel.shape[-1]
-    if hasattr(module, "num_kv_heads"):
-      module.num_kv_heads = module.key.kernel.shape[1]
-
-
-def slim_nnx(model, masks: Any, sample_input: Any, *, inexact: str = "fold",
-             count_flops: bool = True, verify: bool = True) -> SlimModel:
-  """:func:`slim` for a Flax NNX module: a new module with the slim arrays.
-
-  Every ``nnx.Variable`` (params, BatchNorm statistics, ...) is cut to the
-  kept channels and the feature attributes of the standard layers (``Linear``,
-  ``LinearGeneral``, ``Conv``, ``BatchNorm``, ``LayerNorm``,
-  ``MultiHeadAttention``, ...) are set from the new shapes. ``model`` itself is
-  not changed. Call it with the model in eval mode (``model.eval()``) so
-  BatchNorm uses its running statistics.
-
-  Args:
-    model: the NNX module, called as ``model(x)``.
-    masks: masks with the structure of ``nnx.state(model, nnx.Param)`` (e.g.
-      ``support(optimizer.opt_state)``), see :func:`slim`.
-    sample_input: an input batch.
-    inexact, count_flops: see :func:`slim`.
-    verify: as in :func:`slim`, and check the new module's outputs.
-
-  Returns:
-    A :class:`SlimModel` whose ``module`` is the new NNX module and whose
-    ``variables`` are ``{"params": State, "rest": State}``.
-  """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def apply_fn(v, x):
-    return nnx.merge(graphdef, v["params"], v["rest"])(x)
-
-  res = slim(apply_fn, {"params": params, "rest": rest}, masks, sample_input,
-             inexact=inexact, count_flops=count_flops, verify=verify)
-  new = nnx.merge(graphdef, res.variables["params"], res.variables["rest"])
-  for _, module in nnx.iter_modules(new):
-    _nnx_features(module)
-  if not verify:
-    return dataclasses.replace(res, module=new)
-  probe = _sub_batch(None, sample_input, None if res.report["batch_resizable"] else "fixed")
-  _check_same_outputs(res.apply_fn(res.variables, probe), nnx.jit(lambda m, x: m(x))(new, probe),
-                      f"slim_nnx: the rebuilt {type(model).__name__}")
-  return dataclasses.replace(res, module=new)

@@ -88,6 +88,10 @@ def count(tree: Any) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
+def count_nonzero(tree: Any) -> int:
+  return int(sum(np.count_nonzero(x) for x in jax.tree.leaves(tree)))
+
+
 def params_of(variables: Any) -> Any:
   """The ``params`` collection of Linen-style variables, else everything."""
   if isinstance(variables, dict) and "params" in variables:
@@ -101,6 +105,13 @@ def flops(fn: Callable, *args) -> float:
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get("flops", float("nan")))
+
+
+def flop_counts(dense_fn: Callable, dense_vars: Any, slim_fn: Callable, slim_vars: Any,
+                x: Any) -> dict:
+  """XLA FLOPs of the dense and slim forward passes at the batch size of ``x``."""
+  return dict(dense=flops(dense_fn, dense_vars, x), slim=flops(slim_fn, slim_vars, x),
+              batch=int(np.shape(jax.tree.leaves(x)[0])[0]))
 
 
 def format_slim_report(report: dict) -> str:

@@ -1,0 +1,205 @@
+"""Physical slimming: parameters, FLOPs and CPU latency, dense vs slim.
+
+``python -m benchmarks.slim [--quick] [--json F] [--search-steps N]``
+
+For VGG-16-BN and ResNet-56 (CIFAR variants, full width, 32×32×3 inputs):
+
+1. *Search*: a short SplitLBI run with the paper's lottery settings
+   (``lottery/<net>/search``: conv filters group lasso with λ 0.1 (VGG-16) /
+   0.05 (ResNet-56), thresholds λ·√d as in the official lottery code, ν 100,
+   κ 1, α 0.1, Nesterov momentum 0.9, weight decay 1e-4, batch 64) for
+   ``--search-steps`` steps on CIFAR-shaped data: Fashion-MNIST training images
+   (Debian's ``dataset-fashion-mnist``) zero-padded to 32×32 and repeated over 3
+   channels. Its conv-filter masks are cached in ``benchmarks/slim_masks.npz``
+   (delete it to search again).
+2. *Masks*: supp Γ at the end of the search (``group_support``), and
+   ``prune_to_sparsity`` at 50 % and 25 % of the filters of every conv layer
+   (``scope="layer"``, the entry order of the same run). Only conv filters are
+   masked: the classifier's outputs are the logits, which are never removed.
+3. *Measure*: ``slim_linen`` on each mask; parameters, FLOPs (XLA's cost
+   analysis of the jitted forward pass at batch 256) and CPU inference latency
+   at batch 256 of the jitted dense and slim modules, interleaved round-robin
+   (medians). The goal: speed-up ≥ 0.8 × FLOP reduction.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optax_splitlbi as sl
+from benchmarks import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MASKS_PATH = os.path.join(HERE, "slim_masks.npz")
+FASHION = "/usr/share/datasets/fashion-mnist"
+NETS = ("vgg16", "resnet56")
+BATCH = 256
+
+
+def cifar_shaped(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """``n`` Fashion-MNIST training images as 32×32×3 (zero-padded, grey → RGB), labels."""
+  from examples import input_pipeline  # pylint: disable=g-import-not-at-top
+  images = input_pipeline.read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))
+  labels = input_pipeline.read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz"))
+  idx = np.random.default_rng(seed).permutation(len(images))[:n]
+  x = (images[idx].astype(np.float32) / 255.0 - 0.286) / 0.353
+  x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None].repeat(3, axis=-1)
+  return x, labels[idx].astype(np.int32)
+
+
+def search(net: str, steps: int, batch: int = 64, every: int = 100, log=print) -> dict:
+  """Trains ``lottery/<net>/search`` for ``steps`` steps; returns per-conv filter masks.
+
+  Every ``every`` steps the filters in supp Γ are stored as ``supp@<step>:<layer>``;
+  at the end also the ``prune_to_sparsity`` masks at 50 % / 25 % per layer
+  (``p50:<layer>``, ``p25:<layer>``).
+  """
+  from examples import configs, models, train  # pylint: disable=g-import-not-at-top
+  config = configs.get_config(f"lottery/{net}/search")
+  model = models.get_model(config.model, 10)
+  tx = train.make_optimizer(config, steps_per_epoch=steps)
+  x, y = cifar_shaped(steps * batch)
+  variables = jax.jit(lambda: model.init(jax.random.key(0, impl="rbg"), x[:1], train=False))()
+  state = train.TrainState(variables["params"], variables["batch_stats"],
+                           tx.init(variables["params"]))
+  step = jax.jit(train.make_train_step(model, tx, True), donate_argnums=(0,))
+  out, t0 = {}, time.perf_counter()
+
+  def store(prefix, masks):
+    for path, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda m: m is None)[0]:
+      if m is not None and m.ndim == 4:
+        out[f"{prefix}:{jax.tree_util.keystr(path, simple=True, separator='/')}"] = (
+            np.asarray(m).any((0, 1, 2)))
+
+  for i in range(1, steps + 1):
+    b = slice((i - 1) * batch, i * batch)
+    state, metrics = step(state, {"image": x[b], "label": y[b]}, None)
+    if i % every == 0 or i == steps:
+      store(f"supp@{i}", sl.group_support(state.opt_state))
+      kept = [v for k, v in out.items() if k.startswith(f"supp@{i}:")]
+      log(f"{net} step {i}: loss {float(metrics['loss']):.3f}, filters in supp Γ "
+          f"{sum(v.sum() for v in kept)}/{sum(v.size for v in kept)}, empty layers "
+          f"{sum(not v.any() for v in kept)} ({time.perf_counter() - t0:.0f} s)")
+  out["search_seconds"] = time.perf_counter() - t0
+  store("p50", sl.prune_to_sparsity(state.params, state.opt_state, 0.5, scope="layer"))
+  store("p25", sl.prune_to_sparsity(state.params, state.opt_state, 0.25, scope="layer"))
+  return out
+
+
+def load_masks(net: str, family: str, params) -> dict:
+  """The cached filter masks of ``family`` in the keepdims layout (None elsewhere)."""
+  with np.load(MASKS_PATH) as f:
+    stored = {k.split(":", 2)[2]: f[k] for k in f.files if k.startswith(f"{net}:{family}:")}
+
+  def mask(path, p):
+    key = jax.tree_util.keystr(path, simple=True, separator="/")
+    return stored[key].reshape(1, 1, 1, -1) if key in stored else None
+
+  return jax.tree_util.tree_map_with_path(mask, params)
+
+
+class Forward:
+  """A jitted forward pass timed by :func:`common.interleaved`."""
+
+  def __init__(self, module, variables, x):
+    self.fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
+    self.args = (variables, x)
+    jax.block_until_ready(self.fn(*self.args))
+
+  def run(self) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(self.fn(*self.args))
+    return time.perf_counter() - t0
+
+
+def _filters(masks) -> tuple[int, int]:
+  leaves = [m for m in jax.tree.leaves(masks) if m is not None]
+  return int(sum(m.sum() for m in leaves)), int(sum(m.size for m in leaves))
+
+
+def measure(net: str, rounds: int) -> dict:
+  """Slims ``net`` at every cached mask family; FLOPs and interleaved latencies."""
+  from examples import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model(net, 10)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(BATCH, 32, 32, 3)), jnp.float32)
+  variables = jax.jit(lambda: model.init(jax.random.key(0, impl="rbg"), x[:1], train=False))()
+  out, fwd = {}, {"dense": Forward(model, variables, x)}
+  for family in ("supp", "p50", "p25"):
+    masks = load_masks(net, family, variables["params"])
+    res = sl.slim_linen(model, variables, masks, x, train=False)
+    kept, total = _filters(masks)
+    r = res.report
+    out[family] = dict(filter_density=kept / total, params_dense=r["params"]["dense"],
+                       params_slim=r["params"]["slim"], flops_dense=r["flops"]["dense"],
+                       flops_slim=r["flops"]["slim"],
+                       inexact_folds=sum(not f["exact"] for f in r["folds"]),
+                       max_abs_diff=r["max_abs_diff"], max_abs_output=r["max_abs_output"],
+                       widths_removed=sum(v["removed"] for v in r["layers"].values()),
+                       kept_by_coupling=sum(v["kept_pruned"] for v in r["layers"].values()))
+    fwd[family] = Forward(res.module, res.variables, x)
+  times = common.interleaved(fwd, rounds=rounds, warmup=1)
+  out["latency"] = {k: common.stats(v) for k, v in times.items()}
+  dense = out["latency"]["dense"]["median"]
+  for family in ("supp", "p50", "p25"):
+    o = out[family]
+    o["speedup"] = dense / out["latency"][family]["median"]
+    o["flop_reduction"] = o["flops_dense"] / o["flops_slim"]
+    o["goal_met"] = o["speedup"] >= 0.8 * o["flop_reduction"]
+  return out
+
+
+def run(quick: bool, search_steps: int = 300) -> dict:
+  """Search (unless cached) and measure both networks."""
+  res = {"batch": BATCH, "search_steps": search_steps, "loadavg_start": os.getloadavg()}
+  if not os.path.exists(MASKS_PATH):
+    cached = {}
+    for net in NETS:
+      for k, v in search(net, search_steps).items():
+        cached[f"{net}:{k}"] = v
+    np.savez(MASKS_PATH, **cached)
+  with np.load(MASKS_PATH) as f:
+    res["search_seconds"] = {n: float(f[f"{n}:search_seconds"]) for n in NETS}
+  for net in NETS:
+    res[net] = measure(net, rounds=5 if quick else 15)
+  res["loadavg_end"] = os.getloadavg()
+  return res
+
+
+def render(res: dict) -> list[str]:
+  """The RESULTS.md section."""
+  L = ["## Physical slimming (`python -m benchmarks.slim`)\n",
+       f"VGG-16-BN and ResNet-56 (CIFAR variants, 32×32×3), slimmed by `slim_linen` at the "
+       f"conv-filter masks of a {res['search_steps']}-step SplitLBI run with the lottery "
+       "settings (conv λ 0.1 / 0.05, normalized groups, ν 100, Nesterov, wd 1e-4, batch 64) on "
+       "Fashion-MNIST images padded to 32×32×3 (search "
+       + ", ".join(f"{n} {s:.0f} s" for n, s in res["search_seconds"].items())
+       + "), and at 50 % / 25 % of every layer's filters by `prune_to_sparsity`. FLOPs: XLA "
+       f"cost analysis of the jitted forward pass at batch {res['batch']}; latency: CPU, batch "
+       f"{res['batch']}, dense and slim interleaved (medians, IQR). Load average "
+       f"{res['loadavg_start'][0]:.1f} at the start, {res['loadavg_end'][0]:.1f} at the end "
+       "(2 cores).\n",
+       "| net | mask | filters kept | params dense → slim | GFLOPs dense → slim | FLOP ÷ | "
+       "latency ms dense → slim (IQR) | speed-up | ≥ 0.8 × FLOP ÷ | inexact folds |",
+       "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+  names = {"supp": "supp Γ", "p50": "50 % (layer)", "p25": "25 % (layer)"}
+  for net in NETS:
+    r = res[net]
+    lat = r["latency"]
+    for fam, label in names.items():
+      o = r[fam]
+      L.append(f"| {net} | {label} | {o['filter_density']:.1%} | {o['params_dense']:,} → "
+               f"{o['params_slim']:,} | {o['flops_dense'] / 1e9:.1f} → {o['flops_slim'] / 1e9:.1f} | "
+               f"{o['flop_reduction']:.2f} | {lat['dense']['median'] * 1e3:.0f} → "
+               f"{lat[fam]['median'] * 1e3:.0f} ({lat[fam]['iqr'] * 1e3:.0f}) | "
+               f"{o['speedup']:.2f} | {'yes' if o['goal_met'] else 'no'} | {o['inexact_folds']} |")
+  L.append("")
+  return L
+
+
+if __name__ == "__main__":
+  common.cli(run)
