@@ -128,28 +128,32 @@ def test_concatenated_channels_are_cut_segment_by_segment():
   assert res.report["params"]["slim"] == 9 * 2 * 2 + 2 + 9 * 2 * 3 + 3 + 5 * 5 + 5
 
 
-def test_depthwise_conv_couples_its_input_and_output_channels():
-  rng = np.random.default_rng(3)
-  v = _vars(rng, a=(3, 3, 2, 6), d=(3, 3, 1, 6), c=(1, 1, 6, 4))
-
+def grouped_chain(groups):
+  """conv a → ReLU → conv g with ``groups`` groups → ReLU → 1×1 conv c."""
   def apply(v, x):
     h = jax.nn.relu(conv(x, v["a"]["kernel"]) + v["a"]["bias"])
-    h = jax.nn.relu(conv(h, v["d"]["kernel"], groups=6) + v["d"]["bias"])
+    h = jax.nn.relu(conv(h, v["g"]["kernel"], groups=groups) + v["g"]["bias"])
     return conv(h, v["c"]["kernel"], "VALID") + v["c"]["bias"]
+  return apply
 
+
+def test_depthwise_conv_couples_its_input_and_output_channels():
+  rng = np.random.default_rng(3)
+  v = _vars(rng, a=(3, 3, 2, 6), g=(3, 3, 1, 6), c=(1, 1, 6, 4))
+  apply = grouped_chain(groups=6)
   v["a"]["bias"][:] = -1.0   # a's pruned channels are 0: the depthwise SAME conv stays exact
   masks = {"a": {"kernel": _filters([1, 0, 0, 1, 1, 1], (3, 3, 2, 6)), "bias": None},
-           "d": {"kernel": _filters([1, 0, 0, 1, 1, 0], (3, 3, 1, 6)), "bias": None},
+           "g": {"kernel": _filters([1, 0, 0, 1, 1, 0], (3, 3, 1, 6)), "bias": None},
            "c": {"kernel": None, "bias": None}}
   x = rng.normal(size=(2, 5, 5, 2)).astype(np.float32)
   res = sl.slim(apply, v, masks, x)
-  # Channels 1, 2 are pruned on both sides of the depthwise conv; 5 only in d.
+  # Channels 1, 2 are pruned on both sides of the depthwise conv; 5 only in g.
   assert res.variables["a"]["kernel"].shape == (3, 3, 2, 4)
-  assert res.variables["d"]["kernel"].shape == (3, 3, 1, 4)
+  assert res.variables["g"]["kernel"].shape == (3, 3, 1, 4)
   assert res.variables["c"]["kernel"].shape == (1, 1, 4, 4)
   np.testing.assert_allclose(res.apply_fn(res.variables, x), apply(_masked(v, masks), x),
                              rtol=1e-5, atol=1e-5)
-  rep = res.report["layers"]["d/kernel"]
+  rep = res.report["layers"]["g/kernel"]
   assert (rep["pruned"], rep["removed"], rep["kept_pruned"]) == (3, 2, 1)
   assert any("'a/kernel'" in why for why in rep["kept_because"])
 
@@ -157,11 +161,7 @@ def test_depthwise_conv_couples_its_input_and_output_channels():
 def test_grouped_conv_removes_an_in_group_index_only_in_every_group():
   rng = np.random.default_rng(4)
   v = _vars(rng, a=(1, 1, 3, 8), g=(1, 1, 4, 8), c=(1, 1, 8, 2))
-
-  def apply(v, x):
-    h = jax.nn.relu(conv(x, v["a"]["kernel"]) + v["a"]["bias"])
-    h = jax.nn.relu(conv(h, v["g"]["kernel"], groups=2) + v["g"]["bias"])
-    return conv(h, v["c"]["kernel"], "VALID") + v["c"]["bias"]
+  apply = grouped_chain(groups=2)
 
   # Output j of group 0 is channel j, of group 1 channel 4 + j: only j = 1 goes.
   masks = {"a": {"kernel": None, "bias": None},
