@@ -198,6 +198,29 @@ def test_lasso_rows_pruned_in_the_consumer_remove_the_neuron():
                                       masked=int(m1.sum() + m2.sum()) + 5 + 3)
 
 
+def test_a_pruned_spatial_position_after_a_flatten_stays():
+  rng = np.random.default_rng(10)
+  v = _vars(rng, c=(3, 3, 1, 4), d=(16 * 4, 3))
+
+  def apply(v, x):
+    h = jax.nn.relu(conv(x, v["c"]["kernel"], "VALID") + v["c"]["bias"])  # 4×4×4
+    return h.reshape(h.shape[0], -1) @ v["d"]["kernel"] + v["d"]["bias"]
+
+  rows = rng.random((4, 4, 4, 3)) > 0.2
+  rows[0] = False                   # every weight of spatial row 0 of the flatten
+  rows[:, :, 2] = False             # and of channel 2
+  masks = {"c": {"kernel": None, "bias": None}, "d": {"kernel": rows.reshape(64, 3), "bias": None}}
+  x = rng.normal(size=(2, 6, 6, 1)).astype(np.float32)
+  res = sl.slim(apply, v, masks, x)
+  # Channel 2 goes (no one reads it); the spatial row cannot (the conv fixes the size).
+  assert res.variables["c"]["kernel"].shape == (3, 3, 1, 3)
+  np.testing.assert_array_equal(res.variables["d"]["kernel"],
+                                rows.reshape(64, 3)[np.arange(64) % 4 != 2]
+                                * v["d"]["kernel"][np.arange(64) % 4 != 2])
+  np.testing.assert_allclose(res.apply_fn(res.variables, x), apply(_masked(v, masks), x),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_slim_apply_takes_other_batch_sizes_unless_the_batch_is_reduced():
   rng = np.random.default_rng(6)
   v, masks, x = _setup_two_convs(rng)

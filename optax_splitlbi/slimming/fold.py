@@ -40,7 +40,7 @@ class Fold:
     target: index of the variable leaf it was added to, or ``None``.
     exact: the contribution is the same at every position (and was folded).
     max_error: largest |contribution − folded value| (0 when exact).
-    contribution: largest |contribution|.
+    contribution: largest |contribution|, in the units of the bias it goes into.
   """
 
   consumer: str
@@ -268,6 +268,7 @@ def fold_constants(prog: Program, g: DimGraph, cls: Classes, contribs: dict, env
     leaf, axes = g.leaf_of[other]
     delta, err = _leaf_delta(sign * e, axes, leaves[leaf].shape)
     leaves[leaf] = (leaves[leaf] + delta).astype(leaves[leaf].dtype)
+    scale = float(np.max(np.abs(e)))  # in the units of the bias it goes into
     exact = err <= _RTOL * scale
     folds.append(Fold(op.where, leaf, exact, 0.0 if exact else err, scale))
     if not exact:

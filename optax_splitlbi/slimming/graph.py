@@ -39,14 +39,14 @@ ELEMENTWISE = frozenset({
     "erf_inv", "lgamma", "digamma", "convert_element_type", "copy", "copy_p", "stop_gradient",
     "reduce_precision", "real", "imag", "conj", "complex", "shift_left", "shift_right_logical",
     "shift_right_arithmetic", "population_count", "clz", "polygamma", "igamma", "igammac",
-    "bessel_i0e", "bessel_i1e", "tan"})
+    "bessel_i0e", "bessel_i1e"})
 REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                         "reduce_or", "reduce_xor", "argmax", "argmin"})
 CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
 WINDOWED = frozenset({"reduce_window_max", "reduce_window_min", "reduce_window_sum"})
 # Ops through which a kernel / bias keeps its identity (for sites and folding).
 LAYOUT = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision", "transpose",
-                    "reshape", "broadcast_in_dim", "squeeze"})
+                    "reshape", "broadcast_in_dim", "squeeze", "rev"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,14 +273,16 @@ def _rev(g, prog, k, op):
 
 
 def _per_dim(g, op, dims, out_shape, same: list[bool], what: str) -> None:
-  """Output dim d is input dim d where ``same[d]``; else a fresh dim and a lock."""
+  """Output dim d is input dim d where ``same[d]``; else a fresh dim, both locked
+  (the op fixes the output size from the input size)."""
   out = []
   for d, n in enumerate(dims):
     if same[d]:
       out.append(n)
     else:
-      g.lock(n, what, f"{what} at {op.where!r}")
       out.append(g.fresh(out_shape[d]))
+      for m in (n, out[-1]):
+        g.lock(m, what, f"{what} at {op.where!r}")
   g.dims[op.outputs[0]] = tuple(out)
 
 
@@ -312,6 +314,8 @@ def _slice(g, prog, k, op):
 @_rule("iota")
 def _iota(g, prog, k, op):
   _fresh_out(g, prog, op)
+  for n in g.dims[op.outputs[0]]:  # its values are its indices
+    g.lock(n, "iota", f"indexed by an iota at {op.where!r}")
 
 
 @_rule("concatenate")
@@ -387,8 +391,11 @@ def _conv(g, prog, k, op):
   out = [None] * len(out_shape)
   out[dn.out_spec[0]] = ld[dn.lhs_spec[0]]
   out[dn.out_spec[1]] = rd[dn.rhs_spec[0]]
-  for d in dn.out_spec[2:]:
+  for d in dn.out_spec[2:]:  # spatial: sized by the window
     out[d] = g.fresh(out_shape[d])
+    g.lock(out[d], "spatial", f"a spatial dim of the convolution at {op.where!r}")
+  for d in dn.rhs_spec[2:]:
+    g.lock(rd[d], "spatial", f"a window dim of the convolution at {op.where!r}")
   groups = p["feature_group_count"]
   lhs_c, rhs_i, rhs_o = ld[dn.lhs_spec[1]], rd[dn.rhs_spec[1]], rd[dn.rhs_spec[0]]
   if groups == 1:
@@ -409,6 +416,7 @@ class UnknownPrimitive(Exception):
 
 
 def _unknown(g, prog, op) -> UnknownPrimitive:
+  del g, prog
   return UnknownPrimitive(op.name)
 
 

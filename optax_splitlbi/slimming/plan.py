@@ -120,8 +120,9 @@ def _and(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Optional[np.ndarra
   return b if a is None else a if b is None else a & b
 
 
-def pruned_everywhere(cls: Classes, masks: dict, sites: dict) -> dict:
-  """root → per-index AND over every (projected) site, ``None`` if there is none."""
+def pruned_everywhere(cls: Classes, masks: dict, sites: dict):
+  """A function root → per-index AND of ``site_pruned`` over the class's sites and
+  those of every composite containing it (projected); ``None`` if there is none."""
   memo: dict = {}
 
   def up(r: int):
