@@ -513,15 +513,10 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
   if config.slim and (is_slbi or masks is not None) and "test_accuracy" in result:
     sample = next(eval_ds.eval_batches(config.eval_batch_size, process_index=pid,
                                        process_count=pcount))["image"]
-    try:
-      result["slim"] = slim_and_evaluate(
-          model, state, slbi.support(state.opt_state) if is_slbi else masks, sample,
-          lambda m, v: evaluate(v["params"], v.get("batch_stats", {}),
-                                jax.jit(make_eval_step(m, has_bn))), result)
-      say(format_slim_summary(result["slim"]))
-    except ValueError as e:  # e.g. supp Γ is still empty in some layer
-      result["slim"] = {"error": str(e)}
-      say(f"\nSlimming skipped: {e}")
+    result["slim"] = slim_and_evaluate(
+        model, state, slbi.support(state.opt_state) if is_slbi else masks, sample,
+        lambda m, v: evaluate(v["params"], v.get("batch_stats", {}),
+                              jax.jit(make_eval_step(m, has_bn))), result, say)
   result["state"] = state
   return result
 
@@ -550,10 +545,9 @@ def slim_architecture(config: Config, model, image_shape: tuple):
 
 
 def slim_and_evaluate(model, state: TrainState, masks: Any, sample: np.ndarray,
-                      evaluate_model, result: dict) -> dict:
-  """Slims the final model (W on ``masks``), evaluates it, and tabulates
-  parameters, FLOPs per example and test accuracy of the dense, masked and slim
-  networks.
+                      evaluate_model, result: dict, say=print) -> dict:
+  """Slims the final model (W on ``masks``), evaluates it, and prints parameters,
+  FLOPs per example and test accuracy of the dense, masked and slim networks.
 
   Args:
     model, state: the trained Linen model and its train state.
@@ -561,15 +555,21 @@ def slim_and_evaluate(model, state: TrainState, masks: Any, sample: np.ndarray,
     sample: an input batch (constant folding, verification, FLOPs).
     evaluate_model: ``(module, variables) -> (accuracy, loss)`` on the test set.
     result: the run's final metrics (dense / masked accuracies).
+    say: where the table goes.
 
   Returns:
     ``{"rows": {name: (parameters, FLOPs per example, accuracy)}, "report",
-    "module", "variables"}``.
+    "module", "variables"}``, or ``{"error": message}`` when the masks cannot be
+    slimmed (e.g. supp Γ is still empty in some layer).
   """
   variables = {"params": jax.device_get(state.params)}
   if jax.tree.leaves(state.batch_stats):
     variables["batch_stats"] = jax.device_get(state.batch_stats)
-  res = slbi.slim_linen(model, variables, jax.device_get(masks), sample, train=False)
+  try:
+    res = slbi.slim_linen(model, variables, jax.device_get(masks), sample, train=False)
+  except ValueError as e:
+    say(f"\nSlimming skipped: {e}")
+    return {"error": str(e)}
   acc, _ = evaluate_model(res.module, res.variables)
   rep, n = res.report, sample.shape[0]
   dense_acc = result["test_accuracy"] if "sparse_test_accuracy" in result else None
@@ -577,7 +577,9 @@ def slim_and_evaluate(model, state: TrainState, masks: Any, sample: np.ndarray,
   rows = {"dense": (rep["params"]["dense"], rep["flops"]["dense"] / n, dense_acc),
           "masked": (rep["params"]["masked"], rep["flops"]["dense"] / n, masked_acc),
           "slim": (rep["params"]["slim"], rep["flops"]["slim"] / n, acc)}
-  return {"rows": rows, "report": rep, "module": res.module, "variables": res.variables}
+  summary = {"rows": rows, "report": rep, "module": res.module, "variables": res.variables}
+  say(format_slim_summary(summary))
+  return summary
 
 
 def format_slim_summary(summary: dict) -> str:

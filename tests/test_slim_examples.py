@@ -15,12 +15,15 @@ def _test_set():
 
 
 def test_slimming_that_cannot_run_is_reported_not_fatal(capsys):
-  r = train.main(["--set", "epochs=1", "max_steps_per_epoch=3", "progress=False"])
+  r = train.main(["--set", "epochs=1", "max_steps_per_epoch=3", "progress=False",
+                  "num_devices=1"])
   assert "Slimming skipped" in capsys.readouterr().out and "prunes every" in r["slim"]["error"]
 
 
 def test_main_job_ends_with_the_slim_network(capsys):
-  r = train.main(["--set", "epochs=15", "progress=False"])  # supp Γ reaches every layer
+  # 15 epochs: supp Γ reaches every layer. One device: no cross-device all-reduce
+  # (XLA:CPU aborts one whose 8 threads do not meet within 40 s on a loaded machine).
+  r = train.main(["--set", "epochs=15", "progress=False", "num_devices=1"])
   out = capsys.readouterr().out
   assert "Slim network" in out and "FLOPs/example" in out and "widths: Conv_0 16→" in out
   rows = r["slim"]["rows"]
@@ -42,6 +45,7 @@ def test_main_job_ends_with_the_slim_network(capsys):
 
 def test_lottery_retrains_the_slim_architecture_from_scratch(tmp_path):
   base = configs.get_config("digits").replace(progress=False, record_norms=False, slim=False,
+                                             num_devices=1,
                                              fc_lam=0.05)  # dense weights enter by epoch 3
   train.train_and_evaluate(base.replace(epochs=3, save_masks_at=(3,)), str(tmp_path / "s"),
                            verbose=False)

@@ -42,11 +42,11 @@ def slim_linen(model, variables: Any, masks: Any, sample_input: Any, *, inexact:
   Returns:
     A :class:`SlimModel` whose ``module`` is the slim Linen module.
   """
-  res = slim(lambda v, x: model.apply(v, x, **apply_kwargs), variables, masks, sample_input,
-             inexact=inexact, count_flops=count_flops, verify=verify)
   if not hasattr(model, "resized"):
     raise TypeError(f"slim_linen: {type(model).__name__} has no resized(shapes) method; add "
                     "one (docs/slimming.md) or use slim(), whose apply_fn runs any model.")
+  res = slim(lambda v, x: model.apply(v, x, **apply_kwargs), variables, masks, sample_input,
+             inexact=inexact, count_flops=count_flops, verify=verify)
   new = model.resized(jax.tree.map(np.shape, res.variables["params"]))
   init = jax.eval_shape(lambda: new.init(jax.random.key(0), sample_input, **apply_kwargs))
   want = {k: jax.tree.map(np.shape, v) for k, v in res.variables.items()}
@@ -70,7 +70,11 @@ def _nnx_features(module) -> None:
   """Sets an NNX layer's feature attributes from its (slim) parameter shapes."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
-    module.in_features = module.kernel.shape[-2] * getattr(module, "feature_group_count", 1)
+    groups = getattr(module, "feature_group_count", 1)
+    if groups > 1:  # (depthwise) groups lose whole groups: same outputs per group
+      groups = module.kernel.shape[-1] // (module.out_features // groups)
+      module.feature_group_count = groups
+    module.in_features = module.kernel.shape[-2] * groups
     module.out_features = module.kernel.shape[-1]
   elif isinstance(module, nnx.Linear):
     module.in_features, module.out_features = module.kernel.shape
