@@ -126,6 +126,9 @@ def test_concatenated_channels_are_cut_segment_by_segment():
   np.testing.assert_allclose(res.apply_fn(res.variables, x), apply(_masked(v, masks), x),
                              rtol=1e-5, atol=1e-5)
   assert res.report["params"]["slim"] == 9 * 2 * 2 + 2 + 9 * 2 * 3 + 3 + 5 * 5 + 5
+  cut = res.cut(v)  # any tree shaped like the variables
+  np.testing.assert_array_equal(cut["a"]["kernel"], v["a"]["kernel"][..., [2, 3]])
+  np.testing.assert_array_equal(cut["c"]["kernel"], res.variables["c"]["kernel"])
 
 
 def grouped_chain(groups):

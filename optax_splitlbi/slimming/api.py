@@ -31,7 +31,7 @@ class SlimModel:
     report: see :func:`format_slim_report` (``layers``, ``folds``, ``params``,
       ``flops``, ``max_abs_diff``).
     kept: per variable leaf (the input structure), a tuple with, per axis, the
-      kept indices (``None``: all kept); slices any tree shaped like the variables.
+      kept indices (``None``: all kept); see :meth:`cut`.
     module: the slim Linen / NNX module (``slim_linen`` / ``slim_nnx``), else ``None``.
   """
 
@@ -40,6 +40,16 @@ class SlimModel:
   report: dict
   kept: Any
   module: Any = None
+
+  def cut(self, tree: Any) -> Any:
+    """Cuts a tree shaped like the dense variables (masks, a gradient, an optimizer
+    state's buffers) to the slim shapes with ``kept``."""
+    def one(x, kept):
+      x = np.asarray(x)
+      for axis, k in enumerate(kept):
+        x = x if k is None else np.take(x, k, axis=axis)
+      return x
+    return jax.tree.map(one, tree, self.kept)
 
 
 def leaf_paths(tree: Any) -> list[str]:
