@@ -40,6 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MASKS_PATH = os.path.join(HERE, "slim_masks.npz")
 FASHION = "/usr/share/datasets/fashion-mnist"
 NETS = ("vgg16", "resnet56")
+FAMILIES = ("supp", "p50", "p25")
+SWEEP = ((32, (64, 32, 16, 8, 4)), (16, (256, 128, 64, 32)))  # (H = W, channel counts)
 CONV_LAM = 0.05  # ResNet-56: the paper's Table 10; VGG-16: the official script (paper: 0.1)
 BATCH = 256
 
@@ -118,6 +120,30 @@ def load_masks(net: str, family: str, params, path: str = MASKS_PATH) -> dict:
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
+def couple(masks, groups: list, density: float):
+  """One kept set per coupled group: the ``density`` of its channels most kernels keep.
+
+  ``groups`` from :func:`optax_splitlbi.coupled_channels`; a group of several
+  kernels (a residual stage) then removes every channel it drops.
+  """
+  masks = jax.tree.map(np.asarray, masks)
+
+  def leaf(path):
+    node = masks
+    for k in path.split("/")[1:-1]:
+      node = node[k]
+    return node
+
+  for group in (g for g in groups if len(g) > 1):
+    vecs = [leaf(p)[p.rsplit("/", 1)[1]].reshape(-1) for p, _ in group]
+    votes = np.sum(vecs, axis=0)
+    keep = np.zeros(votes.size, bool)
+    keep[np.argsort(-votes, kind="stable")[:max(1, round(density * votes.size))]] = True
+    for p, _ in group:
+      leaf(p)[p.rsplit("/", 1)[1]] = keep.reshape(1, 1, 1, -1)
+  return masks
+
+
 class Forward:
   """A jitted forward pass timed by :func:`common.interleaved`."""
 
@@ -144,14 +170,21 @@ def measure(net: str, rounds: int, masks_path: str = MASKS_PATH) -> dict:
   x = jnp.asarray(np.random.default_rng(1).normal(size=(BATCH, 32, 32, 3)), jnp.float32)
   variables = jax.jit(lambda: model.init(jax.random.key(0, impl="rbg"), x[:1], train=False))()
   out, fwd = {}, {"dense": Forward(model, variables, x)}
-  for family in ("supp", "p50", "p25"):
-    masks = load_masks(net, family, variables["params"], masks_path)
+  apply = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
+  groups = sl.coupled_channels(apply, variables, x[:2])
+  coupled = any(len(g) > 1 for g in groups)
+  families = FAMILIES + (("p50c", "p25c") if coupled else ())
+  for family in families:
+    masks = load_masks(net, family.rstrip("c"), variables["params"], masks_path)
+    if family.endswith("c"):
+      masks = couple(masks, groups, int(family[1:3]) / 100)
     res = sl.slim_linen(model, variables, masks, x, train=False)
     kept, total = _filters(masks)
     r = res.report
     out[family] = dict(filter_density=kept / total, params_dense=r["params"]["dense"],
                        params_slim=r["params"]["slim"], flops_dense=r["flops"]["dense"],
-                       flops_slim=r["flops"]["slim"],
+                       flops_slim=r["flops"]["slim"], bytes_dense=r["flops"]["bytes_dense"],
+                       bytes_slim=r["flops"]["bytes_slim"],
                        inexact_folds=sum(not f["exact"] for f in r["folds"]),
                        max_abs_diff=r["max_abs_diff"], max_abs_output=r["max_abs_output"],
                        widths_removed=sum(v["removed"] for v in r["layers"].values()),
@@ -160,12 +193,44 @@ def measure(net: str, rounds: int, masks_path: str = MASKS_PATH) -> dict:
   times = common.interleaved(fwd, rounds=rounds, warmup=1)
   out["latency"] = {k: common.stats(v) for k, v in times.items()}
   dense = out["latency"]["dense"]["median"]
-  for family in ("supp", "p50", "p25"):
+  for family in families:
     o = out[family]
     o["speedup"] = dense / out["latency"][family]["median"]
     o["flop_reduction"] = o["flops_dense"] / o["flops_slim"]
+    o["bytes_reduction"] = o["bytes_dense"] / o["bytes_slim"]
     o["goal_met"] = o["speedup"] >= 0.8 * o["flop_reduction"]
   return out
+
+
+class _Conv:
+  """A jitted 3×3 SAME conv (C → C channels) on a fixed batch, for :func:`conv_efficiency`."""
+
+  def __init__(self, c: int, hw: int, batch: int):
+    rng = np.random.default_rng(c)
+    self.x = jnp.asarray(rng.normal(size=(batch, hw, hw, c)), jnp.float32)
+    self.k = jnp.asarray(rng.normal(size=(3, 3, c, c)), jnp.float32)
+    fn = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    compiled = jax.jit(fn).lower(self.x, self.k).compile()
+    cost = compiled.cost_analysis()
+    self.flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    self.fn = compiled
+    jax.block_until_ready(self.fn(self.x, self.k))
+
+  def run(self) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(self.fn(self.x, self.k))
+    return time.perf_counter() - t0
+
+
+def conv_efficiency(channels=(64, 63, 60, 56, 48, 40, 33, 32), hw: int = 16,
+                    batch: int = BATCH, rounds: int = 15) -> dict:
+  """GFLOP/s of XLA:CPU's 3×3 conv by channel count (interleaved medians)."""
+  convs = {str(c): _Conv(c, hw, batch) for c in channels}
+  times = common.interleaved(convs, rounds=rounds, warmup=1)
+  return {c: dict(flops=conv.flops, median=common.stats(times[c])["median"],
+                  gflops_per_s=conv.flops / common.stats(times[c])["median"] / 1e9)
+          for c, conv in convs.items()}
 
 
 def _raw_support(f, net: str) -> dict:
@@ -191,6 +256,8 @@ def run(quick: bool, search_steps: int = 1500, search_batch: int = 16,
     res["raw_support"] = {n: _raw_support(f, n) for n in NETS}
   for net in NETS:
     res[net] = measure(net, 5 if quick else 15, masks_path)
+  res["conv_efficiency"] = {str(hw): conv_efficiency(chans, hw=hw, rounds=5 if quick else 9)
+                            for hw, chans in SWEEP}
   res["loadavg_end"] = os.getloadavg()
   return res
 
@@ -218,19 +285,29 @@ def render(res: dict) -> list[str]:
        f"{res['loadavg_end'][0]:.1f} at the end (2 cores). *kept by coupling*: pruned filters "
        "that stay because a coupled layer (a residual stage) keeps the channel.\n",
        "| net | mask | filters kept | kept by coupling | params dense → slim | GFLOPs dense → "
-       "slim | FLOP ÷ | latency ms dense → slim (IQR) | speed-up | ≥ 0.8 × FLOP ÷ |",
-       "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-  names = {"supp": "supp Γ", "p50": "50 % / layer", "p25": "25 % / layer"}
+       "slim | FLOP ÷ | bytes ÷ | latency ms dense → slim (IQR) | speed-up | ≥ 0.8 × FLOP ÷ |",
+       "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+  names = {"supp": "supp Γ", "p50": "50 % / layer", "p25": "25 % / layer",
+           "p50c": "50 % / coupled group", "p25c": "25 % / coupled group"}
   for net in NETS:
     r, lat = res[net], res[net]["latency"]
     for fam, label in names.items():
+      if fam not in r:
+        continue
       o = r[fam]
       L.append(f"| {net} | {label} | {o['filter_density']:.1%} | {o['kept_by_coupling']} | "
                f"{o['params_dense']:,} → {o['params_slim']:,} | {o['flops_dense'] / 1e9:.2f} → "
                f"{o['flops_slim'] / 1e9:.2f} | {o['flop_reduction']:.2f} | "
+               f"{o['bytes_reduction']:.2f} | "
                f"{lat['dense']['median'] * 1e3:.0f} ({lat['dense']['iqr'] * 1e3:.0f}) → "
                f"{lat[fam]['median'] * 1e3:.0f} ({lat[fam]['iqr'] * 1e3:.0f}) | "
                f"{o['speedup']:.2f} | {'yes' if o['goal_met'] else 'no'} |")
+  L.append("")
+  L.append("XLA:CPU throughput of one 3×3 SAME conv (C → C channels, batch "
+           f"{res['batch']}; GFLOP/s from the cost analysis and the median time):\n")
+  for hw, r in res["conv_efficiency"].items():
+    L.append(f"- {hw}×{hw}: " + ", ".join(f"C={c} {v['gflops_per_s']:.0f} GFLOP/s "
+                                          f"({v['median'] * 1e3:.1f} ms)" for c, v in r.items()))
   L.append("")
   return L
 

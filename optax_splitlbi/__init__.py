@@ -19,7 +19,8 @@ from optax_splitlbi.penalties import (GroupLasso, Lasso, LeafPenalty, attention_
 from optax_splitlbi.prox import (group_map, group_norms, group_soft_threshold, penalty_norms,
                                  prox, soft_threshold)
 from optax_splitlbi.transform import SplitLBIState, StaticHyperparams, splitlbi
-from optax_splitlbi.slimming import SlimModel, format_slim_report, slim, slim_linen, slim_nnx
+from optax_splitlbi.slimming import (SlimModel, coupled_channels, format_slim_report, slim,
+                                     slim_linen, slim_nnx)
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,5 @@ __all__ = [
     "importance_scores", "masked_updates", "penalized_leaves", "prune_to_sparsity",
     "sparsity_report",
     # physical slimming (slimming/)
-    "SlimModel", "format_slim_report", "slim", "slim_linen", "slim_nnx",
+    "SlimModel", "coupled_channels", "format_slim_report", "slim", "slim_linen", "slim_nnx",
 ]

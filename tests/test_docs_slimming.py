@@ -13,5 +13,5 @@ def test_slimming_doc_snippets_run_in_order():
   for i, block in enumerate(BLOCKS):
     exec(compile(block, f"docs/slimming.md[python block {i}]", "exec"), namespace)
   text = "\n".join(BLOCKS)
-  for name in ("slim", "slim_linen", "slim_nnx", "format_slim_report"):
+  for name in ("slim", "slim_linen", "slim_nnx", "format_slim_report", "coupled_channels"):
     assert f"sl.{name}(" in text, name

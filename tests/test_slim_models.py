@@ -268,3 +268,17 @@ def test_slim_example_model_matches_masked_model_and_hand_counts(name):
     assert (rep["pruned"], rep["kept_pruned"]) == (int(pruned[l.kernel].sum()), kept_pruned)
     if kept_pruned:
       assert any("coupled with" in why for why in rep["kept_because"]), rep
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet20", "resnet50"])
+def test_coupled_channels_are_the_hand_described_groups(name):
+  kwargs, shape, arch = CASES[name]
+  model = models.get_model(name, 10, **kwargs)
+  x = jnp.zeros((2, *shape), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  got = sl.coupled_channels(lambda v, x: model.apply(v, x, train=False), variables, x)
+  want = {}
+  for l in arch.layers:
+    axis = 1 if l.ksize == 1 and l.in_mult >= 1 and l.kernel.startswith("Dense") else 3
+    want.setdefault(l.out, set()).add((f"params/{l.kernel}/kernel", axis))
+  assert sorted(map(set, got), key=sorted) == sorted(want.values(), key=sorted)

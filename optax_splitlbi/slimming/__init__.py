@@ -8,8 +8,9 @@ forward function. ``slim_linen`` / ``slim_nnx`` also rebuild the module.
 See docs/slimming.md.
 """
 
-from optax_splitlbi.slimming.api import SlimModel, leaf_masks, slim
+from optax_splitlbi.slimming.api import SlimModel, coupled_channels, leaf_masks, slim
 from optax_splitlbi.slimming.frameworks import slim_linen, slim_nnx
 from optax_splitlbi.slimming.report import format_slim_report
 
-__all__ = ["SlimModel", "format_slim_report", "leaf_masks", "slim", "slim_linen", "slim_nnx"]
+__all__ = ["SlimModel", "coupled_channels", "format_slim_report", "leaf_masks", "slim",
+           "slim_linen", "slim_nnx"]

@@ -344,3 +344,27 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
       flops=report_lib.flop_counts(apply_fn, variables, slim_apply, slim_vars, sample_input)
       if count_flops else None)
   return SlimModel(slim_vars, slim_apply, report, treedef.unflatten([k for _, k in cut]))
+
+
+def coupled_channels(apply_fn: Callable[[Any, Any], Any], variables: Any,
+                     sample_input: Any) -> list[list[tuple[str, int]]]:
+  """Which parameter axes produce the same channels (the coupling ``slim`` respects).
+
+  Each group lists ``(variable path, axis)`` of the kernels whose output axis
+  indexes one channel space: a plain layer alone, the stem / projection and the
+  last conv of every block of a residual stage together. A channel of a group
+  can be removed only if every kernel of the group prunes it, so masks that agree
+  within each group (e.g. one importance ranking per group) slim further.
+
+  Args:
+    apply_fn, variables, sample_input: as for :func:`slim`.
+
+  Returns:
+    The groups, each sorted, in the order of their first kernel.
+  """
+  prog = trace(apply_fn, variables, sample_input)
+  cls = plan_lib.group_classes(build_graph(prog))
+  paths = leaf_paths(variables)
+  groups = [sorted({(paths[s.leaf], s.axis) for s in sites if s.leaf is not None})
+            for sites in cls.producers.values()]
+  return sorted((g for g in groups if g), key=lambda g: paths.index(g[0][0]))

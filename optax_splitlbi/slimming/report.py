@@ -99,18 +99,20 @@ def params_of(variables: Any) -> Any:
   return variables
 
 
-def flops(fn: Callable, *args) -> float:
-  """FLOPs of ``jax.jit(fn)(*args)`` from XLA's cost analysis."""
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get("flops", float("nan")))
+def cost(fn: Callable, *args) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) of ``jax.jit(fn)(*args)`` from XLA's cost analysis."""
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return (float(analysis.get("flops", float("nan"))),
+          float(analysis.get("bytes accessed", float("nan"))))
 
 
 def flop_counts(dense_fn: Callable, dense_vars: Any, slim_fn: Callable, slim_vars: Any,
                 x: Any) -> dict:
-  """XLA FLOPs of the dense and slim forward passes at the batch size of ``x``."""
-  return dict(dense=flops(dense_fn, dense_vars, x), slim=flops(slim_fn, slim_vars, x),
+  """XLA FLOPs and bytes accessed of the dense and slim forward passes (batch of ``x``)."""
+  (fd, bd), (fs, bs) = cost(dense_fn, dense_vars, x), cost(slim_fn, slim_vars, x)
+  return dict(dense=fd, slim=fs, bytes_dense=bd, bytes_slim=bs,
               batch=int(np.shape(jax.tree.leaves(x)[0])[0]))
 
 
@@ -134,7 +136,8 @@ def format_slim_report(report: dict) -> str:
   if report.get("flops"):
     f = report["flops"]
     lines.append(f"FLOPs (XLA): dense {f['dense']:,.0f}, slim {f['slim']:,.0f} "
-                 f"({f['dense'] / max(f['slim'], 1):.2f}x fewer)")
+                 f"({f['dense'] / max(f['slim'], 1):.2f}x fewer); bytes accessed "
+                 f"{f['bytes_dense'] / max(f['bytes_slim'], 1):.2f}x fewer")
   if report.get("max_abs_diff") is not None:
     lines.append(f"max |slim - masked| on the sample: {report['max_abs_diff']:.3g} "
                  f"(outputs up to {report['max_abs_output']:.3g})")
