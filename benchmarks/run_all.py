@@ -20,7 +20,7 @@ import time
 from benchmarks import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("update", "train", "memory", "scaling", "fused")
+SECTIONS = ("update", "train", "memory", "scaling", "fused", "slim")
 
 
 def _ms(x):
@@ -178,6 +178,9 @@ def render(res: dict) -> str:
                    f"{n.get('bytes_scaled_vs_sgd', float('nan')):.2f} | "
                    f"{r['max_abs_diff_params' + suf]:.1e} |")
       L.append("")
+  if "slim" in res:
+    from benchmarks import slim  # pylint: disable=g-import-not-at-top
+    L.extend(slim.render(res["slim"]))
   L.append("## Targets\n")
   L.extend(targets(res))
   L.append("")
@@ -282,6 +285,9 @@ def main():
     res["fused"] = {"flag": common.MOF_FLAG,
                     "update": common.run_with_xla_flag("update", args),
                     "train": common.run_with_xla_flag("train_step", args)}
+  if "slim" in sections:  # searches only if benchmarks/slim_masks.npz is missing
+    from benchmarks import slim
+    res["slim"] = slim.run(a.quick)
   _extras(res, a.notes)
   res["total_s"] = time.perf_counter() - t0
   res["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -8,6 +8,11 @@ group-lasso group on each output filter and a lasso on dense kernels.
 Models with BatchNorm keep running statistics in the ``"batch_stats"``
 collection (pass ``mutable=["batch_stats"]`` when ``train=True``).
 
+Every model takes its layer widths as attributes (defaults: the paper's) and
+has ``resized(shapes)``, which returns the same model with the widths of a
+params-shaped tree of shapes: :func:`optax_splitlbi.slim_linen` uses it to
+rebuild a slimmed network.
+
 =================  ==========================================  =====================
 name               architecture                                 paper
 =================  ==========================================  =====================
@@ -27,8 +32,9 @@ name               architecture                                 paper
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -39,6 +45,15 @@ he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def _flatten(x):
   return x.reshape((x.shape[0], -1))
+
+
+def _out(shapes: Any, name: str) -> int:
+  """Output features of layer ``name`` in a params-shaped tree of shapes."""
+  return int(shapes[name]["kernel"][-1])
+
+
+def _widths(shapes: Any, prefix: str, n: int, start: int = 0) -> tuple[int, ...]:
+  return tuple(_out(shapes, f"{prefix}_{i}") for i in range(start, start + n))
 
 
 class DigitsCNN(nn.Module):
@@ -57,23 +72,32 @@ class DigitsCNN(nn.Module):
     x = nn.relu(nn.Dense(self.hidden)(_flatten(x)))
     return nn.Dense(self.num_classes)(x)
 
+  def resized(self, shapes: Any) -> "DigitsCNN":
+    return self.clone(features=_widths(shapes, "Conv", len(self.features)),
+                      hidden=_out(shapes, "Dense_0"))
+
 
 class LeNet5(nn.Module):
   """LeNet-5 (LeCun et al. 1998): conv5×5(6, SAME)-pool-conv5×5(16)-pool-120-84."""
 
   num_classes: int = 10
+  features: Sequence[int] = (6, 16)
+  hidden: Sequence[int] = (120, 84)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     del train
-    x = nn.relu(nn.Conv(6, (5, 5), padding="SAME", kernel_init=he_normal)(x))
+    x = nn.relu(nn.Conv(self.features[0], (5, 5), padding="SAME", kernel_init=he_normal)(x))
     x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.relu(nn.Conv(16, (5, 5), padding="VALID", kernel_init=he_normal)(x))
+    x = nn.relu(nn.Conv(self.features[1], (5, 5), padding="VALID", kernel_init=he_normal)(x))
     x = nn.max_pool(x, (2, 2), (2, 2))
     x = _flatten(x)
-    x = nn.relu(nn.Dense(120)(x))
-    x = nn.relu(nn.Dense(84)(x))
+    x = nn.relu(nn.Dense(self.hidden[0])(x))
+    x = nn.relu(nn.Dense(self.hidden[1])(x))
     return nn.Dense(self.num_classes)(x)
+
+  def resized(self, shapes: Any) -> "LeNet5":
+    return self.clone(features=_widths(shapes, "Conv", 2), hidden=_widths(shapes, "Dense", 2))
 
 
 class LeNet3(nn.Module):
@@ -89,6 +113,9 @@ class LeNet3(nn.Module):
     for h in self.hidden:
       x = nn.relu(nn.Dense(h)(x))
     return nn.Dense(self.num_classes)(x)
+
+  def resized(self, shapes: Any) -> "LeNet3":
+    return self.clone(hidden=_widths(shapes, "Dense", len(self.hidden)))
 
 
 class ConvN(nn.Module):
@@ -113,47 +140,91 @@ class ConvN(nn.Module):
       x = nn.relu(nn.Dense(h)(x))
     return nn.Dense(self.num_classes)(x)
 
+  def resized(self, shapes: Any) -> "ConvN":
+    return self.clone(features=_widths(shapes, "Conv", len(self.features)),
+                      hidden=_widths(shapes, "Dense", len(self.hidden)))
+
 
 def _bn(train: bool, **kw):
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, **kw)
 
 
 class BasicBlock(nn.Module):
-  """ResNet basic block: 3×3 conv-BN-ReLU-3×3 conv-BN + (projected) shortcut."""
+  """ResNet basic block: 3×3 conv-BN-ReLU-3×3 conv-BN + (projected) shortcut.
+
+  ``widths`` (conv widths, default ``(features, features)``) and ``project``
+  (default: when the shape changes) describe slimmed blocks.
+  """
 
   features: int
   strides: int = 1
+  widths: Optional[Sequence[int]] = None
+  project: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
+    inner, out = self.widths or (self.features, self.features)
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal)
-    y = conv(self.features, (3, 3), (self.strides, self.strides))(x)
+    y = conv(inner, (3, 3), (self.strides, self.strides))(x)
     y = nn.relu(_bn(train)(y))
-    y = conv(self.features, (3, 3))(y)
+    y = conv(out, (3, 3))(y)
     y = _bn(train, scale_init=nn.initializers.zeros_init())(y)
-    if x.shape[-1] != self.features or self.strides != 1:
-      x = conv(self.features, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
+    if _projects(self.project, x, out, self.strides):
+      x = conv(out, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
       x = _bn(train, name="proj_bn")(x)
     return nn.relu(x + y)
+
+
+def _projects(project: Optional[bool], x, features: int, strides: int) -> bool:
+  if project is not None:
+    return project
+  return x.shape[-1] != features or strides != 1
 
 
 class BottleneckBlock(nn.Module):
-  """ResNet bottleneck block: 1×1 (f) - 3×3 (f, stride) - 1×1 (4f) + shortcut."""
+  """ResNet bottleneck block: 1×1 (f) - 3×3 (f, stride) - 1×1 (4f) + shortcut.
+
+  ``widths`` (default ``(f, f, 4f)``) and ``project`` describe slimmed blocks.
+  """
 
   features: int
   strides: int = 1
+  widths: Optional[Sequence[int]] = None
+  project: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
+    f = self.features
+    w1, w2, out = self.widths or (f, f, 4 * f)
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal)
-    y = nn.relu(_bn(train)(conv(self.features, (1, 1))(x)))
-    y = nn.relu(_bn(train)(conv(self.features, (3, 3), (self.strides, self.strides))(y)))
-    y = conv(4 * self.features, (1, 1))(y)
+    y = nn.relu(_bn(train)(conv(w1, (1, 1))(x)))
+    y = nn.relu(_bn(train)(conv(w2, (3, 3), (self.strides, self.strides))(y)))
+    y = conv(out, (1, 1))(y)
     y = _bn(train, scale_init=nn.initializers.zeros_init())(y)
-    if x.shape[-1] != 4 * self.features or self.strides != 1:
-      x = conv(4 * self.features, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
+    if _projects(self.project, x, out, self.strides):
+      x = conv(out, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
       x = _bn(train, name="proj_bn")(x)
     return nn.relu(x + y)
+
+
+def _block_kwargs(module, k: int) -> dict:
+  """Slim widths / projection of the ``k``-th block of a ResNet (if given)."""
+  kw = {}
+  if module.block_widths is not None:
+    kw["widths"] = tuple(module.block_widths[k])
+  if module.block_projections is not None:
+    kw["project"] = bool(module.block_projections[k])
+  return kw
+
+
+def _resnet_resized(module, shapes: Any, stem: str):
+  """A ResNet clone with the stem / block widths of ``shapes``."""
+  blocks = sorted((k for k in shapes if re.fullmatch(r"\w+Block_\d+", k)),
+                  key=lambda k: int(k.rsplit("_", 1)[1]))
+  widths = tuple(_widths(shapes[b], "Conv", sum(1 for c in shapes[b] if c.startswith("Conv_")))
+                 for b in blocks)
+  return module.clone(stem_width=_out(shapes, stem), block_widths=widths,
+                      block_projections=tuple("proj_conv" in shapes[b] for b in blocks))
 
 
 class CifarResNet(nn.Module):
@@ -163,22 +234,33 @@ class CifarResNet(nn.Module):
     num_classes: output classes.
     blocks_per_stage: n (3 → ResNet-20, 9 → ResNet-56).
     width: filters of the first stage (16; doubled at each stage).
+    stem_width, block_widths, block_projections: slimmed widths of the stem
+      conv and of each block's convs, and which blocks project the shortcut
+      (``None``: the nominal ones).
   """
 
   num_classes: int = 10
   blocks_per_stage: int = 3
   width: int = 16
+  stem_width: Optional[int] = None
+  block_widths: Optional[Sequence[Sequence[int]]] = None
+  block_projections: Optional[Sequence[bool]] = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=he_normal)(x)
+    x = nn.Conv(self.stem_width or self.width, (3, 3), use_bias=False, kernel_init=he_normal)(x)
     x = nn.relu(_bn(train)(x))
+    k = 0
     for stage in range(3):
       for b in range(self.blocks_per_stage):
         strides = 2 if stage > 0 and b == 0 else 1
-        x = BasicBlock(self.width * 2**stage, strides)(x, train)
+        x = BasicBlock(self.width * 2**stage, strides, **_block_kwargs(self, k))(x, train)
+        k += 1
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
+
+  def resized(self, shapes: Any) -> "CifarResNet":
+    return _resnet_resized(self, shapes, "Conv_0")
 
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
@@ -208,6 +290,10 @@ class VGG(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
 
+  def resized(self, shapes: Any) -> "VGG":
+    convs = iter(_widths(shapes, "Conv", sum(1 for v in self.cfg if v != "M")))
+    return self.clone(cfg=tuple(v if v == "M" else next(convs) for v in self.cfg), width=1.0)
+
 
 class ImageNetResNet(nn.Module):
   """ImageNet ResNet (He et al. 2016): 7×7/2 stem, max-pool, 4 stages, avg-pool.
@@ -219,6 +305,8 @@ class ImageNetResNet(nn.Module):
     width: filters of the first stage (64).
     small_inputs: CIFAR stem (3×3/1 conv, no max-pool) for 32×32 images, as the
       ResNet-50 (Lasso) lottery run of Fig. 5.
+    stem_width, block_widths, block_projections: slimmed widths (see
+      :class:`CifarResNet`).
   """
 
   num_classes: int = 1000
@@ -226,23 +314,32 @@ class ImageNetResNet(nn.Module):
   block: Callable[..., nn.Module] = BasicBlock
   width: int = 64
   small_inputs: bool = False
+  stem_width: Optional[int] = None
+  block_widths: Optional[Sequence[Sequence[int]]] = None
+  block_projections: Optional[Sequence[bool]] = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
+    stem = self.stem_width or self.width
     if self.small_inputs:
-      x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=he_normal, name="conv_init")(x)
+      x = nn.Conv(stem, (3, 3), use_bias=False, kernel_init=he_normal, name="conv_init")(x)
       x = nn.relu(_bn(train, name="bn_init")(x))
     else:
-      x = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
+      x = nn.Conv(stem, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
                   kernel_init=he_normal, name="conv_init")(x)
       x = nn.relu(_bn(train, name="bn_init")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    k = 0
     for i, n in enumerate(self.stage_sizes):
       for b in range(n):
         strides = 2 if i > 0 and b == 0 else 1
-        x = self.block(self.width * 2**i, strides)(x, train)
+        x = self.block(self.width * 2**i, strides, **_block_kwargs(self, k))(x, train)
+        k += 1
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
+
+  def resized(self, shapes: Any) -> "ImageNetResNet":
+    return _resnet_resized(self, shapes, "conv_init")
 
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {

@@ -362,6 +362,8 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
 
   # --- model and optimizer
   model = models.get_model(config.model, info.num_classes, **dict(config.model_kwargs))
+  if config.retrain_slim:
+    model = slim_architecture(config, model, info.image_shape)
   tx = make_optimizer(config, steps_per_epoch)
   schedule = make_schedule(config, steps_per_epoch)
   is_slbi = config.optimizer == "splitlbi"
@@ -384,7 +386,7 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
                                   state.batch_stats)
     state = state_from(params, stats)
   masks = None
-  if config.mask_from:
+  if config.mask_from and not config.retrain_slim:
     masks = jax.device_put(load_masks(os.path.expanduser(config.mask_from), state.params),
                            replicated)
     masked = jax.tree.map(lambda x, m: x if m is None else x * m.astype(x.dtype),
@@ -417,11 +419,11 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
   def to_global(batch):
     return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
 
-  def evaluate(params, batch_stats):
+  def evaluate(params, batch_stats, step=eval_step):
     tot = {"correct": 0.0, "loss": 0.0, "count": 0.0}
     for batch in eval_ds.eval_batches(config.eval_batch_size, process_index=pid,
                                       process_count=pcount, max_examples=config.eval_examples):
-      out = jax.device_get(eval_step(params, batch_stats, to_global(batch)))
+      out = jax.device_get(step(params, batch_stats, to_global(batch)))
       tot = {k: tot[k] + float(out[k]) for k in tot}
     return tot["correct"] / tot["count"], tot["loss"] / tot["count"]
 
@@ -518,8 +520,94 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
     say(format_report(result["sparsity"]))
   elif verbose and "test_accuracy" in result:
     say(f"\nFinal ({config.name}): test accuracy {result['test_accuracy']:.2%}")
+  if config.slim and (is_slbi or masks is not None) and "test_accuracy" in result:
+    sample = next(eval_ds.eval_batches(config.eval_batch_size, process_index=pid,
+                                       process_count=pcount))["image"]
+    result["slim"] = slim_and_evaluate(
+        model, state, slbi.support(state.opt_state) if is_slbi else masks, sample,
+        lambda m, v: evaluate(v["params"], v.get("batch_stats", {}),
+                              jax.jit(make_eval_step(m, has_bn))), result, say)
   result["state"] = state
   return result
+
+
+# ------------------------------------------------------------------------ slimming
+
+
+def slim_architecture(config: Config, model, image_shape: tuple):
+  """The slim module of ``config.mask_from`` (for ``retrain_slim``).
+
+  The channels the mask prunes everywhere are removed
+  (:func:`optax_splitlbi.slim_linen`); the run then trains this smaller
+  architecture from a fresh initialisation.
+  """
+  if not config.mask_from:
+    raise ValueError("retrain_slim needs mask_from (a search run's masks/epoch_XXXX.npz).")
+  if config.init_from:
+    raise ValueError("retrain_slim trains the slim architecture from scratch; unset "
+                     "init_from (--set init_from=None).")
+  x = jnp.zeros((2, *image_shape), jnp.float32)
+  variables = jax.jit(lambda: model.init(jax.random.key(config.seed, impl=config.prng_impl), x,
+                                         train=False))()
+  masks = load_masks(os.path.expanduser(config.mask_from), variables["params"])
+  return slbi.slim_linen(model, variables, masks, x, count_flops=False, verify=False,
+                         train=False).module
+
+
+def slim_and_evaluate(model, state: TrainState, masks: Any, sample: np.ndarray,
+                      evaluate_model, result: dict, say=print) -> dict:
+  """Slims the final model (W on ``masks``), evaluates it, and prints parameters,
+  FLOPs per example and test accuracy of the dense, masked and slim networks.
+
+  Args:
+    model, state: the trained Linen model and its train state.
+    masks: supp Γ (SplitLBI) or the run's fixed mask.
+    sample: an input batch (constant folding, verification, FLOPs).
+    evaluate_model: ``(module, variables) -> (accuracy, loss)`` on the test set.
+    result: the run's final metrics (dense / masked accuracies).
+    say: where the table goes.
+
+  Returns:
+    ``{"rows": {name: (parameters, FLOPs per example, accuracy)}, "report",
+    "module", "variables"}``, or ``{"error": message}`` when the masks cannot be
+    slimmed (e.g. supp Γ is still empty in some layer).
+  """
+  variables = {"params": jax.device_get(state.params)}
+  if jax.tree.leaves(state.batch_stats):
+    variables["batch_stats"] = jax.device_get(state.batch_stats)
+  try:
+    res = slbi.slim_linen(model, variables, jax.device_get(masks), sample, train=False)
+  except ValueError as e:
+    say(f"\nSlimming skipped: {e}")
+    return {"error": str(e)}
+  acc, _ = evaluate_model(res.module, res.variables)
+  rep, n = res.report, sample.shape[0]
+  dense_acc = result["test_accuracy"] if "sparse_test_accuracy" in result else None
+  masked_acc = result.get("sparse_test_accuracy", result["test_accuracy"])
+  rows = {"dense": (rep["params"]["dense"], rep["flops"]["dense"] / n, dense_acc),
+          "masked": (rep["params"]["masked"], rep["flops"]["dense"] / n, masked_acc),
+          "slim": (rep["params"]["slim"], rep["flops"]["slim"] / n, acc)}
+  summary = {"rows": rows, "report": rep, "module": res.module, "variables": res.variables}
+  say(format_slim_summary(summary))
+  return summary
+
+
+def format_slim_summary(summary: dict) -> str:
+  """The dense / masked / slim table printed at the end of a run."""
+  lines = ["\nSlim network (pruned channels removed; docs/slimming.md):",
+           f"  {'model':<8} {'parameters':>11} {'FLOPs/example':>14} {'test accuracy':>14}"]
+  for name, (params, flops, acc) in summary["rows"].items():
+    acc_s = "-" if acc is None else f"{acc:.2%}"
+    note = "  (zeros are still multiplied)" if name == "masked" else ""
+    lines.append(f"  {name:<8} {params:>11,} {flops / 1e6:>12.3f} M {acc_s:>14}{note}")
+  widths = [f"{k.split('/')[-2]} {v['groups']}→{v['groups'] - v['removed']}"
+            for k, v in summary["report"]["layers"].items()]
+  inexact = [f for f in summary["report"]["folds"] if not f["exact"]]
+  lines.append("  widths: " + ", ".join(widths))
+  if inexact:
+    lines.append(f"  {len(inexact)} inexact fold(s) at zero-padded convs, max error "
+                 f"{max(f['max_error'] for f in inexact):.3g} (--set slim=False to skip)")
+  return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -21,6 +21,8 @@ from optax_splitlbi.report import (coupling_residue, format_report, group_norms_
                                    sparsity_report)
 from optax_splitlbi.retrain import apply_masks, masked_updates
 from optax_splitlbi.transform import SplitLBIState, splitlbi
+from optax_splitlbi.slimming import (SlimModel, coupled_channels, format_slim_report, slim,
+                                     slim_linen, slim_nnx)
 
 __version__ = "0.1.0"
 
@@ -37,4 +39,6 @@ __all__ = [
     "entry_steps", "entered_by", "importance_ranks", "importance_scores", "prune_to_sparsity",
     # retraining subnetworks
     "apply_masks", "masked_updates",
+    # physical slimming: a smaller network from the masks
+    "slim", "slim_linen", "slim_nnx", "SlimModel", "coupled_channels", "format_slim_report",
 ]

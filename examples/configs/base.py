@@ -65,6 +65,9 @@ class Config:
   save_params_at: tuple = ()       # epochs whose weights go to <workdir>/snapshots/ (0: init)
   mask_from: Optional[str] = None  # train under this fixed mask (.npz from save_masks_at)
   init_from: Optional[str] = None  # start from these weights (.npz from save_params_at)
+  retrain_slim: bool = False       # train the slim architecture of mask_from from scratch
+  # physical slimming (docs/slimming.md)
+  slim: bool = False               # at the end: remove pruned channels, report and evaluate
 
   def replace(self, **kw: Any) -> "Config":
     return dataclasses.replace(self, **kw)

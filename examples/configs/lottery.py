@@ -10,6 +10,9 @@ Two runs per network:
    ×0.1 at 80 and 120) of the masked subnet from the same initialisation.
    Point ``mask_from`` / ``init_from`` at the search run's files, e.g.
    ``--set mask_from=workdirs/lottery_resnet56/masks/epoch_0020.npz``.
+3. ``lottery/<net>/retrain_slim``: the same SGD run on the *slim architecture*
+   of that mask (pruned channels physically removed, docs/slimming.md), trained
+   from a fresh random initialisation.
 
 Penalties (Table 10): VGG-16 / ResNet-56 group lasso (λ 0.1 / 0.05 on conv
 filters, thresholds λ·√d as in the official lottery code; λ 1 on the
@@ -49,4 +52,8 @@ def get_configs() -> dict[str, Config]:
         description=f"Fig. 5: retrain the Γ-subnet of {net} from its init with SGD",
         optimizer="sgd", nesterov=False, epochs=160, save_masks_at=(), save_params_at=(),
         mask_from=f"{src}/masks/epoch_0020.npz", init_from=f"{src}/snapshots/epoch_0000.npz")
+    out[f"lottery/{net}/retrain_slim"] = out[f"lottery/{net}/retrain"].replace(
+        name=f"lottery/{net}/retrain_slim",
+        description=f"retrain the slim architecture of the {net} Γ-subnet from scratch",
+        retrain_slim=True, init_from=None)
   return out

@@ -1,0 +1,16 @@
+"""Physical slimming: from supp(Γ) to a smaller, faster network.
+
+``slim`` traces a model's forward pass, finds which parameter axes share a
+channel (a dependency analysis over the jaxpr's dimensions, like DepGraph for
+PyTorch), removes the channels the masks prune everywhere, folds their constant
+values into the next biases, and returns the slim variables plus a jitted slim
+forward function. ``slim_linen`` / ``slim_nnx`` also rebuild the module.
+See docs/slimming.md.
+"""
+
+from optax_splitlbi.slimming.api import SlimModel, coupled_channels, leaf_masks, slim
+from optax_splitlbi.slimming.frameworks import slim_linen, slim_nnx
+from optax_splitlbi.slimming.report import format_slim_report
+
+__all__ = ["SlimModel", "coupled_channels", "format_slim_report", "leaf_masks", "slim",
+           "slim_linen", "slim_nnx"]
