@@ -40,35 +40,38 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MASKS_PATH = os.path.join(HERE, "slim_masks.npz")
 FASHION = "/usr/share/datasets/fashion-mnist"
 NETS = ("vgg16", "resnet56")
-FAMILIES = ("supp", "p50", "p25")
+FAMILIES = ("early", "supp", "p50", "p25")
 SWEEP = ((32, (64, 32, 16, 8, 4)), (16, (256, 128, 64, 32)))  # (H = W, channel counts)
 CONV_LAM = 0.05  # ResNet-56: the paper's Table 10; VGG-16: the official script (paper: 0.1)
 BATCH = 256
 
 
-def cifar_shaped(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def cifar_shaped(n: int, seed: int = 0, data: str = FASHION) -> tuple[np.ndarray, np.ndarray]:
   """``n`` Fashion-MNIST training images as 32×32×3 (zero-padded, grey → RGB), labels."""
   from examples import input_pipeline  # pylint: disable=g-import-not-at-top
-  images = input_pipeline.read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))
-  labels = input_pipeline.read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz"))
-  idx = np.random.default_rng(seed).permutation(len(images))[:n]
+  images = input_pipeline.read_idx(os.path.join(data, "train-images-idx3-ubyte.gz"))
+  labels = input_pipeline.read_idx(os.path.join(data, "train-labels-idx1-ubyte.gz"))
+  rng = np.random.default_rng(seed)  # epochs of reshuffled images
+  idx = np.concatenate([rng.permutation(len(images)) for _ in range(-(-n // len(images)))])[:n]
   x = (images[idx].astype(np.float32) / 255.0 - 0.286) / 0.353
   x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None].repeat(3, axis=-1)
   return x, labels[idx].astype(np.int32)
 
 
-def search(net: str, steps: int, batch: int = 64, every: int = 100, log=print) -> dict:
+def search(net: str, steps: int, batch: int = 64, every: int = 100, log=print,
+           data: str = FASHION) -> dict:
   """Trains ``lottery/<net>/search`` for ``steps`` steps; returns per-conv filter masks.
 
   Every ``every`` steps the filters in supp Γ are stored as ``supp@<step>:<layer>``;
-  at the end also the ``prune_to_sparsity`` masks at 50 % / 25 % per layer
-  (``p50:<layer>``, ``p25:<layer>``).
+  after a fifth of the steps its :func:`completed_support` as ``early:<layer>``,
+  at the end the same as ``supp:<layer>`` and the ``prune_to_sparsity`` masks at
+  50 % / 25 % per layer (``p50:<layer>``, ``p25:<layer>``).
   """
   from examples import configs, models, train  # pylint: disable=g-import-not-at-top
   config = configs.get_config(f"lottery/{net}/search").replace(conv_lam=CONV_LAM)
   model = models.get_model(config.model, 10)
   tx = train.make_optimizer(config, steps_per_epoch=steps)
-  x, y = cifar_shaped(steps * batch)
+  x, y = cifar_shaped(steps * batch, data=data)
   variables = jax.jit(lambda: model.init(jax.random.key(0, impl="rbg"), x[:1], train=False))()
   state = train.TrainState(variables["params"], variables["batch_stats"],
                            tx.init(variables["params"]))
@@ -84,6 +87,9 @@ def search(net: str, steps: int, batch: int = 64, every: int = 100, log=print) -
   for i in range(1, steps + 1):
     b = slice((i - 1) * batch, i * batch)
     state, metrics = step(state, {"image": x[b], "label": y[b]}, None)
+    if i == max(1, steps // 5):
+      store("early", completed_support(state))
+      out["early_step"] = i
     if i % every == 0 or i == steps:
       store(f"supp@{i}", sl.group_support(state.opt_state))
       kept = [v for k, v in out.items() if k.startswith(f"supp@{i}:")]
@@ -91,6 +97,8 @@ def search(net: str, steps: int, batch: int = 64, every: int = 100, log=print) -
           f"{sum(v.sum() for v in kept)}/{sum(v.size for v in kept)}, empty layers "
           f"{sum(not v.any() for v in kept)} ({time.perf_counter() - t0:.0f} s)")
   out["search_seconds"] = time.perf_counter() - t0
+  out["search_steps"], out["search_batch"] = steps, batch
+  out["search_device"] = str(jax.devices()[0].device_kind)
   store("p50", sl.prune_to_sparsity(state.params, state.opt_state, 0.5, scope="layer"))
   store("p25", sl.prune_to_sparsity(state.params, state.opt_state, 0.25, scope="layer"))
   store("supp", completed_support(state))
@@ -241,18 +249,25 @@ def _raw_support(f, net: str) -> dict:
               empty_layers=sum(not m.any() for m in kept), layers=len(kept))
 
 
-def run(quick: bool, search_steps: int = 1500, search_batch: int = 16,
+def search_all(masks_path: str, steps: int, batch: int, data: str = FASHION) -> None:
+  """Runs :func:`search` for every net and caches the masks in ``masks_path``."""
+  cached = {}
+  for net in NETS:
+    for k, v in search(net, steps, batch, data=data).items():
+      cached[f"{net}:{k}"] = v
+    np.savez(masks_path, **cached)  # after each net: a killed run keeps the first
+
+
+def run(quick: bool, search_steps: int = 900, search_batch: int = 64,
         masks_path: str = MASKS_PATH) -> dict:
   """Search (unless ``masks_path`` exists) and measure both networks."""
   res = {"batch": BATCH, "loadavg_start": os.getloadavg()}
   if not os.path.exists(masks_path):
-    cached = {}
-    for net in NETS:
-      for k, v in search(net, search_steps, search_batch).items():
-        cached[f"{net}:{k}"] = v
-    np.savez(masks_path, **cached)
+    search_all(masks_path, search_steps, search_batch)
   with np.load(masks_path) as f:
-    res["search_seconds"] = {n: float(f[f"{n}:search_seconds"]) for n in NETS}
+    res["early_step"] = {n: int(f[f"{n}:early_step"]) for n in NETS}
+    res["search"] = {n: {k: f[f"{n}:search_{k}"].item() for k in ("seconds", "steps", "batch",
+                                                                   "device")} for n in NETS}
     res["raw_support"] = {n: _raw_support(f, n) for n in NETS}
   for net in NETS:
     res[net] = measure(net, 5 if quick else 15, masks_path)
@@ -269,8 +284,9 @@ def render(res: dict) -> list[str]:
        "VGG-16-BN and ResNet-56 (CIFAR variants, full width, 32×32×3), slimmed by "
        "`slim_linen` at three conv-filter masks of one SplitLBI run with the lottery settings "
        f"(conv λ {CONV_LAM} with thresholds λ·√d, ν 100, κ 1, α 0.1, Nesterov, wd 1e-4) on "
-       "Fashion-MNIST training images padded to 32×32×3, batch 16 (search: "
-       + ", ".join(f"{n} {raw[n]['step']} steps in {res['search_seconds'][n] / 60:.0f} min"
+       "Fashion-MNIST training images padded to 32×32×3 (search: "
+       + ", ".join(f"{n} {res['search'][n]['steps']} steps of batch {res['search'][n]['batch']} "
+                   f"in {res['search'][n]['seconds']:.0f} s on {res['search'][n]['device']}"
                    for n in NETS) + "):",
        "- *supp Γ*: the filters in supp Γ at the end of the run (" + ", ".join(
            f"{n}: {raw[n]['filter_density']:.1%} of the filters, {raw[n]['empty_layers']} of "
@@ -287,14 +303,14 @@ def render(res: dict) -> list[str]:
        "| net | mask | filters kept | kept by coupling | params dense → slim | GFLOPs dense → "
        "slim | FLOP ÷ | bytes ÷ | latency ms dense → slim (IQR) | speed-up | ≥ 0.8 × FLOP ÷ |",
        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-  names = {"supp": "supp Γ", "p50": "50 % / layer", "p25": "25 % / layer",
+  names = {"early": "supp Γ at step {step}", "supp": "supp Γ at step {end}", "p50": "50 % / layer", "p25": "25 % / layer",
            "p50c": "50 % / coupled group", "p25c": "25 % / coupled group"}
   for net in NETS:
     r, lat = res[net], res[net]["latency"]
     for fam, label in names.items():
       if fam not in r:
         continue
-      o = r[fam]
+      o, label = r[fam], label.format(step=res["early_step"][net], end=res["search"][net]["steps"])
       L.append(f"| {net} | {label} | {o['filter_density']:.1%} | {o['kept_by_coupling']} | "
                f"{o['params_dense']:,} → {o['params_slim']:,} | {o['flops_dense'] / 1e9:.2f} → "
                f"{o['flops_slim'] / 1e9:.2f} | {o['flop_reduction']:.2f} | "
@@ -316,10 +332,16 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="5 timing rounds instead of 15")
   ap.add_argument("--json", default=None, help="write the results here")
-  ap.add_argument("--search-steps", type=int, default=1500)
-  ap.add_argument("--search-batch", type=int, default=16)
+  ap.add_argument("--search-steps", type=int, default=900)
+  ap.add_argument("--search-batch", type=int, default=64)
   ap.add_argument("--masks", default=MASKS_PATH, help="cached search masks (.npz)")
+  ap.add_argument("--search-only", action="store_true",
+                  help="only search (e.g. on an accelerator) and write --masks")
+  ap.add_argument("--data", default=FASHION, help="Fashion-MNIST IDX directory")
   a = ap.parse_args()
+  if a.search_only:
+    search_all(a.masks, a.search_steps, a.search_batch, a.data)
+    return
   res = run(a.quick, a.search_steps, a.search_batch, a.masks)
   if a.json:
     with open(a.json, "w") as f:
