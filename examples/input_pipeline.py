@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import gzip
 import os
 import struct
@@ -144,9 +145,18 @@ def _find_idx(directory: str, stem: str) -> str:
 
 
 def load_idx_dir(directory: str) -> tuple[ArraySource, ArraySource]:
-  """Train and test splits from a directory of MNIST-format IDX files."""
+  """Train and test splits from a directory of MNIST-format IDX files.
+
+  The files are read once per process (cached by path and modification time).
+  """
   if not os.path.isdir(directory):
     raise DatasetNotFoundError(f"IDX dataset directory {directory!r} does not exist.")
+  return _load_idx_cached(os.path.abspath(directory), os.stat(directory).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_idx_cached(directory: str, mtime_ns: int) -> tuple[ArraySource, ArraySource]:
+  del mtime_ns  # part of the cache key only
   splits = []
   for prefix in ("train", "t10k"):
     images = read_idx(_find_idx(directory, f"{prefix}-images-idx3-ubyte"))
@@ -184,6 +194,11 @@ def idx_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]
     means.append(mean)
     stds.append(var ** 0.5)
   return tuple(means), tuple(stds)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_idx_stats(train: ArraySource) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  return idx_stats(train.images)
 
 
 def load_tfds(name: str, split: str, data_dir: Optional[str]) -> RecordSource:
@@ -408,7 +423,7 @@ def create_datasets(dataset: str, *, data_dir: Optional[str] = None, image_size:
       raise ValueError("dataset='idx' needs a directory: dataset='idx:/path' or data_dir.")
     train, test = load_idx_dir(os.path.expanduser(directory))
     kind, num_classes = "idx", int(max(train.labels.max(), test.labels.max())) + 1
-    stats = idx_stats(train.images)  # the full training split, before train_examples
+    stats = _cached_idx_stats(train)  # the full training split, before train_examples
   elif dataset in ("mnist", "fashion_mnist", "cifar10", "imagenet2012"):
     train = load_tfds(dataset, "train", data_dir)
     test = load_tfds(dataset, _TFDS_EVAL_SPLIT.get(dataset, "test"), data_dir)
