@@ -154,3 +154,16 @@ def test_lottery_smoke_end_to_end_and_resume(idx_dir, tmp_path, capsys):
 def test_missing_data_directory_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit, match="dataset-fashion-mnist"):
     study.main(["table1", "--data", f"idx:{tmp_path}/nowhere", "--out", str(tmp_path)])
+
+
+def test_fashion_configs_follow_table1_variants():
+  get = configs.get_config
+  assert get("fashion/lenet5/sgd_naive").weight_decay == 0.0
+  assert get("fashion/lenet5/adam").weight_decay == 0.0
+  c = get("fashion/lenet5/splitlbi_mom_wd")
+  assert (c.optimizer, c.learning_rate, c.momentum, c.weight_decay, c.kappa, c.nu, c.lam) == (
+      "splitlbi", 0.1, 0.9, 1e-4, 1.0, 10.0, 1.0)
+  assert c.dataset == "idx:/usr/share/datasets/fashion-mnist" and c.warmup_steps == 100
+  assert get("fashion/conv4/adam").learning_rate == 1e-3
+  assert get("fashion/conv4/sgd_nesterov").learning_rate == 0.01
+  assert get("fashion/conv4/sgd_nesterov").nesterov

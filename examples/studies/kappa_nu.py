@@ -100,7 +100,7 @@ def report(s: Settings, results: dict, out: str) -> str:
               np.array([common.curve(r, metric) for r in _runs_of(s, results, k, n)])
           for k, n in pairs}
   plots.plot_mean_curves(panels, os.path.join(out, "kappa_nu.png"), ylabel="fraction",
-                         ncols=3, ylim=(0, 1))
+                         ncols=3)
   return (f"### LeNet-5, SplitLBI Mom-Wd, λ = {s.lam:g}, {s.epochs} epochs on "
           f"{s.train_examples} images (×0.1 at {s.milestones}); test on {s.eval_examples}; "
           f"mean ± sd over {s.seeds} seeds\n\n" + _table(s, results)

@@ -3,8 +3,10 @@
 Per seed and penalty (``group``: group lasso on conv filters + lasso on dense
 kernels; ``lasso``: lasso everywhere):
 
-1. ``search``: SplitLBI (Nesterov, Mom-Wd, the paper's lottery settings with λ
-   scaled to the budget) writes supp Γ at ``mask_epochs`` and the initial weights.
+1. ``search``: SplitLBI (Nesterov, Mom-Wd, ν = 100, the group threshold λ·√d of
+   the official lottery code: the paper's lottery settings, with λ scaled to the
+   budget) writes supp Γ at ``mask_epochs`` and the initial weights. Supp Γ of
+   epoch 1 is still empty at this λ (only a few classifier weights).
 2. ``dense``: SGD Mom-Wd trains the dense network for ``dense_epochs`` (the
    "fully trained" model of Frankle & Carbin's one-shot pruning).
 3. ``retrain``: SGD Mom-Wd retrains, from the same initial weights and for
@@ -33,12 +35,12 @@ KINDS = ("gamma", "random", "magnitude")
 class Settings:
   seeds: int = 3
   penalties: tuple = ("group", "lasso")
-  mask_epochs: tuple = (1, 2, 5, 10)
+  mask_epochs: tuple = (2, 3, 5, 10)
   search_epochs: int = 10
   dense_epochs: int = 10
   retrain_epochs: int = 4
   nu: float = 100.0
-  lam: tuple = (("group", 0.05), ("lasso", 0.05))
+  lam: tuple = (("group", 0.03), ("lasso", 0.03))
   train_examples: object = 15000
   eval_examples: object = 5000
 
@@ -62,7 +64,8 @@ def _sgd(s: Settings, dataset: str, seed: int, name: str, epochs: int):
 
 def search_config(s: Settings, dataset: str, penalty: str, seed: int):
   return _base(s, dataset, seed, name=f"lottery/search/{penalty}", optimizer="splitlbi",
-               nesterov=True, penalty=penalty, nu=s.nu, lam=dict(s.lam)[penalty],
+               nesterov=True, penalty=penalty, normalized=penalty == "group", nu=s.nu,
+               lam=dict(s.lam)[penalty],
                epochs=s.search_epochs, save_masks_at=tuple(s.mask_epochs),
                save_params_at=(0,))
 
@@ -159,7 +162,7 @@ def report(s: Settings, results: dict, out: str) -> str:
                    for sd in seeds]
   dense = [common.last(results[f"dense/seed{sd}"], "test_accuracy") for sd in seeds]
   text = (f"LeNet-5, search {s.search_epochs} epochs (SplitLBI Nesterov Mom-Wd, ν = {s.nu:g}, "
-          f"λ = {dict(s.lam)}), retrain {s.retrain_epochs} epochs (SGD Mom-Wd) on "
+          f"λ = {dict(s.lam)}, group threshold λ·√d), retrain {s.retrain_epochs} epochs (SGD Mom-Wd) on "
           f"{s.train_examples} images, test on {s.eval_examples}; mean ± sd over "
           f"{s.seeds} seeds. Unpruned network retrained identically: "
           f"{common.fmt(dense_retrain)} %; the dense SGD model pruned for the magnitude "

@@ -29,6 +29,7 @@ PAIR = ("sgd_mom_wd", "splitlbi_mom_wd")
 @dataclasses.dataclass(frozen=True)
 class Settings:
   seeds: int = 5
+  seeds_at_paper_rate: int = 10  # SGD / SplitLBI Mom-Wd at lr 0.1, project init
   steps: int = 200
   multipliers: tuple = (0.5, 1.0, 2.0, 4.0, 8.0)
   warmup_steps: int = fashion.WARMUP_STEPS
@@ -40,14 +41,14 @@ class Settings:
 
 
 SETTINGS = {"full": Settings(),
-            "smoke": Settings(seeds=2, steps=3, multipliers=(1.0,), init_multipliers=(1.0,),
+            "smoke": Settings(seeds=2, seeds_at_paper_rate=2, steps=3, multipliers=(1.0,), init_multipliers=(1.0,),
                               default_seeds=1, default_epochs=1, train_examples=256,
                               eval_examples=64)}
 
 
 def _config(s: Settings, dataset: str, variant: str, mult: float, seed: int,
             warmup: bool) -> Config:
-  c = fashion.base("lenet5", dataset).replace(**VARIANTS[variant])
+  c = fashion.variant("lenet5", variant, dataset)
   return c.replace(
       name=f"sensitivity/{variant}", learning_rate=c.learning_rate * mult, seed=seed,
       warmup_steps=s.warmup_steps if warmup else 0, schedule="constant", epochs=1,
@@ -61,6 +62,12 @@ def _with_init(run_key: str, scheme: str):
   return prepare
 
 
+def cell_seeds(s: Settings, variant: str, scheme: str, mult: float) -> tuple[int, ...]:
+  """Seeds of a sweep cell: more at the paper's rate, where it matters most."""
+  more = variant in PAIR and scheme == "project" and mult == 1.0
+  return common.seeds_of(max(s.seeds, s.seeds_at_paper_rate) if more else s.seeds)
+
+
 def sweep_key(variant: str, warmup: bool, scheme: str, mult: float, seed: int) -> str:
   return f"sweep/{variant}{'+warmup' if warmup else ''}/{scheme}/x{mult:g}/seed{seed}"
 
@@ -71,7 +78,7 @@ def runs(s: Settings, dataset: str) -> list[common.Run]:
   cells += [(v, True, "project", m) for v in PAIR for m in s.multipliers]
   cells += [(v, False, sc, m) for sc in ("flax", "he") for v in PAIR for m in s.init_multipliers]
   for variant, warmup, scheme, mult in cells:
-    for seed in common.seeds_of(s.seeds):
+    for seed in cell_seeds(s, variant, scheme, mult):
       key = sweep_key(variant, warmup, scheme, mult, seed)
       out.append(common.Run(key, _config(s, dataset, variant, mult, seed, warmup),
                             prepare=_with_init(key, scheme), execute=traces.trace_run))
@@ -79,8 +86,8 @@ def runs(s: Settings, dataset: str) -> list[common.Run]:
     for variant in PAIR:
       for seed in common.seeds_of(s.default_seeds):
         key = f"defaults/{variant}/{scheme}/seed{seed}"
-        c = fashion.base("lenet5", dataset).replace(
-            **VARIANTS[variant], name=f"sensitivity/defaults/{variant}", seed=seed,
+        c = fashion.variant("lenet5", variant, dataset).replace(
+            name=f"sensitivity/defaults/{variant}", seed=seed,
             warmup_steps=0, schedule="constant", epochs=s.default_epochs,
             train_examples=s.train_examples, eval_examples=s.eval_examples)
         out.append(common.Run(key, c, prepare=_with_init(key, scheme)))
@@ -89,7 +96,8 @@ def runs(s: Settings, dataset: str) -> list[common.Run]:
 
 def _cell(results: dict, s: Settings, variant: str, warmup: bool, scheme: str,
           mult: float) -> list[dict]:
-  keys = [sweep_key(variant, warmup, scheme, mult, seed) for seed in common.seeds_of(s.seeds)]
+  keys = [sweep_key(variant, warmup, scheme, mult, seed)
+          for seed in cell_seeds(s, variant, scheme, mult)]
   return [results[k] for k in keys if k in results]
 
 
