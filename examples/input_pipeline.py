@@ -7,7 +7,12 @@ Three kinds of sources, one batching scheme:
 - ``idx:/some/dir``: a directory of MNIST-format IDX files
   (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
   ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``), for offline
-  users who already have MNIST / Fashion-MNIST files.
+  users who already have MNIST / Fashion-MNIST files (Debian:
+  ``apt-get install dataset-fashion-mnist`` puts them in
+  ``/usr/share/datasets/fashion-mnist``). Each directory is normalised with the
+  per-channel mean and standard deviation of its own full training split
+  (:func:`idx_stats`): MNIST files give MNIST's usual 0.1307 / 0.3081,
+  Fashion-MNIST files 0.2860 / 0.3530.
 - ``mnist``, ``fashion_mnist``, ``cifar10``, ``imagenet2012``: random-access
   ``tfds.data_source`` readers (array_record files prepared beforehand under
   ``data_dir``; no TensorFlow needed). Nothing is ever downloaded here: a missing
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import gzip
 import os
 import struct
@@ -40,12 +46,12 @@ import numpy as np
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet2012", "idx:<dir>")
 
-# Per-channel normalisation constants.
+# Per-channel normalisation constants (IDX directories: their own, see idx_stats).
+# digits: none, its values 0..16 are only scaled to [0, 1].
 _STATS = {
     "digits": ((0.0,), (1.0,)),
     "mnist": ((0.1307,), (0.3081,)),
     "fashion_mnist": ((0.2860,), (0.3530,)),
-    "idx": ((0.1307,), (0.3081,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
@@ -139,15 +145,60 @@ def _find_idx(directory: str, stem: str) -> str:
 
 
 def load_idx_dir(directory: str) -> tuple[ArraySource, ArraySource]:
-  """Train and test splits from a directory of MNIST-format IDX files."""
+  """Train and test splits from a directory of MNIST-format IDX files.
+
+  The files are read once per process (cached by path and modification time).
+  """
   if not os.path.isdir(directory):
     raise DatasetNotFoundError(f"IDX dataset directory {directory!r} does not exist.")
+  return _load_idx_cached(os.path.abspath(directory), os.stat(directory).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_idx_cached(directory: str, mtime_ns: int) -> tuple[ArraySource, ArraySource]:
+  del mtime_ns  # part of the cache key only
   splits = []
   for prefix in ("train", "t10k"):
     images = read_idx(_find_idx(directory, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find_idx(directory, f"{prefix}-labels-idx1-ubyte"))
     splits.append(ArraySource(images, labels))
   return splits[0], splits[1]
+
+
+def idx_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and (population) standard deviation of images scaled to [0, 1].
+
+  Args:
+    images: (N, H, W) or (N, H, W, C) pixels; uint8 values are divided by 255
+      (as the loader does), other dtypes are used as they are.
+
+  Returns:
+    ``(means, stds)``, one float per channel. uint8 images are summarised
+    exactly (and cheaply) through a 256-bin histogram per channel.
+  """
+  x = images[..., None] if images.ndim == 3 else images
+  means, stds = [], []
+  for c in range(x.shape[-1]):
+    channel = x[..., c]
+    if channel.dtype == np.uint8:
+      counts = np.bincount(channel.ravel(), minlength=256).astype(np.float64)
+      values = np.arange(256) / 255.0
+      mean = float(counts @ values / counts.sum())
+      var = float(counts @ (values - mean) ** 2 / counts.sum())
+    else:
+      flat = channel.astype(np.float64).ravel()
+      mean, var = float(flat.mean()), float(flat.var())
+    if not var > 0:
+      raise ValueError(f"idx_stats: channel {c} of the training images is constant; "
+                       "it cannot be normalised.")
+    means.append(mean)
+    stds.append(var ** 0.5)
+  return tuple(means), tuple(stds)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_idx_stats(train: ArraySource) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  return idx_stats(train.images)
 
 
 def load_tfds(name: str, split: str, data_dir: Optional[str]) -> RecordSource:
@@ -172,8 +223,8 @@ def load_tfds(name: str, split: str, data_dir: Optional[str]) -> RecordSource:
 # ----------------------------------------------------------------------- preprocessing
 
 
-def _normalize(x: np.ndarray, kind: str) -> np.ndarray:
-  mean, std = _STATS[kind]
+def _normalize(x: np.ndarray, stats: tuple[Sequence[float], Sequence[float]]) -> np.ndarray:
+  mean, std = stats
   return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
@@ -266,10 +317,16 @@ class Loader:
     seed: base seed of shuffling and augmentation.
     train: shuffle + augment (else ordered, padded to full batches with a mask).
     augment: apply the dataset's augmentation when ``train``.
+    stats: per-channel ``(means, stds)`` of the normalisation (default: the
+      constants of ``kind``; required for ``kind="idx"``).
   """
 
   def __init__(self, source, kind: str, *, image_size: Optional[int] = None, seed: int = 0,
-               train: bool = True, augment: bool = True, threads: int = 8):
+               train: bool = True, augment: bool = True, threads: int = 8,
+               stats: Optional[tuple[Sequence[float], Sequence[float]]] = None):
+    if stats is None and kind not in _STATS:
+      raise ValueError(f"Loader: no normalisation constants for kind={kind!r}; pass stats.")
+    self.stats = stats if stats is not None else _STATS[kind]
     self.source, self.kind, self.image_size = source, kind, image_size
     self.seed, self.train, self.augment = seed, train, augment
     self._pool = (concurrent.futures.ThreadPoolExecutor(threads)
@@ -298,7 +355,7 @@ class Loader:
       x = _to_float(x)
       if aug and kind == "cifar10":
         x = cifar_augment(x, rng)
-    return _normalize(x, kind if kind in _STATS else "idx")
+    return _normalize(x, self.stats)
 
   def train_batches(self, batch_size: int, epoch: int, *, start_step: int = 0,
                     max_steps: Optional[int] = None, process_index: int = 0,
@@ -356,6 +413,7 @@ def create_datasets(dataset: str, *, data_dir: Optional[str] = None, image_size:
   Raises:
     DatasetNotFoundError: at once when the data is not on disk.
   """
+  stats = None  # the constants of the dataset's kind
   if dataset == "digits":
     train, test = load_digits(seed=0)
     kind, num_classes = "digits", 10
@@ -365,6 +423,7 @@ def create_datasets(dataset: str, *, data_dir: Optional[str] = None, image_size:
       raise ValueError("dataset='idx' needs a directory: dataset='idx:/path' or data_dir.")
     train, test = load_idx_dir(os.path.expanduser(directory))
     kind, num_classes = "idx", int(max(train.labels.max(), test.labels.max())) + 1
+    stats = _cached_idx_stats(train)  # the full training split, before train_examples
   elif dataset in ("mnist", "fashion_mnist", "cifar10", "imagenet2012"):
     train = load_tfds(dataset, "train", data_dir)
     test = load_tfds(dataset, _TFDS_EVAL_SPLIT.get(dataset, "test"), data_dir)
@@ -377,8 +436,9 @@ def create_datasets(dataset: str, *, data_dir: Optional[str] = None, image_size:
       train = ArraySource(train.images[:train_examples], train.labels[:train_examples])
     else:
       train = RecordSource(_Head(train.source, train_examples))
-  tr = Loader(train, kind, image_size=image_size, seed=seed, train=True, augment=augment)
-  te = Loader(test, kind, image_size=image_size, seed=seed, train=False)
+  tr = Loader(train, kind, image_size=image_size, seed=seed, train=True, augment=augment,
+              stats=stats)
+  te = Loader(test, kind, image_size=image_size, seed=seed, train=False, stats=stats)
   probe = next(te.eval_batches(1))["image"]
   info = DataInfo(dataset if kind != "idx" else "idx", num_classes, tuple(probe.shape[1:]),
                   len(train), len(test))

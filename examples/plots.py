@@ -139,6 +139,164 @@ def plot_comparison(workdirs: Sequence[str], out: str) -> str:
   return target
 
 
+# ------------------------------------------------------------ study plots (examples.study)
+
+
+def _save(fig, target: str, dpi: int = 80) -> str:
+  os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+  fig.savefig(target, dpi=dpi)
+  plt.close(fig)
+  return target
+
+
+def _grid(n: int, ncols: int, size=(3.2, 2.6)):
+  ncols = max(1, min(ncols, n))
+  nrows = -(-n // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows),
+                           squeeze=False)
+  for ax in axes.flat[n:]:
+    ax.axis("off")
+  return fig, list(axes.flat)
+
+
+def plot_loss_traces(panels: dict[str, Sequence[Sequence[float]]], target: str,
+                     ncols: int = 4) -> str:
+  """One panel per title: the per-step training loss of every seed (one line each)."""
+  fig, axes = _grid(len(panels), ncols)
+  for ax, (title, traces) in zip(axes, panels.items()):
+    for trace in traces:
+      y = np.array([np.nan if v is None else v for v in trace], np.float64)
+      ax.plot(np.arange(1, len(y) + 1), y, lw=0.8)
+    ax.axhline(np.log(10), color="0.5", ls=":", lw=0.8)
+    ax.set_ylim(0, 5)
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel("train loss", fontsize=8)
+  fig.suptitle("per-step training loss, one line per seed (dotted: ln 10, chance)", fontsize=9)
+  fig.tight_layout()
+  return _save(fig, target)
+
+
+def plot_errorbars(panels: dict[str, Sequence[tuple[str, Sequence[float]]]], target: str,
+                   ylabel: str, scale: float = 1.0, ncols: int = 2) -> str:
+  """One panel per title: every seed's value (dots) and mean ± sd (bar) per label."""
+  fig, axes = _grid(len(panels), ncols, size=(5.0, 3.4))
+  for ax, (title, points) in zip(axes, panels.items()):
+    for i, (label, values) in enumerate(points):
+      v = scale * np.asarray(values, np.float64)
+      color = "tab:red" if "splitlbi" in label.lower() else "tab:blue"
+      ax.plot(np.full(v.shape, i), v, ".", color=color, alpha=0.5)
+      if v.size:
+        ax.errorbar(i, v.mean(), yerr=v.std(ddof=1) if v.size > 1 else 0, fmt="_",
+                    color=color, capsize=4, ms=14)
+    ax.set_xticks(range(len(points)))
+    ax.set_xticklabels([p[0] for p in points], rotation=40, ha="right", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=8)
+  fig.tight_layout()
+  return _save(fig, target)
+
+
+def plot_mean_curves(panels: dict[str, dict[str, np.ndarray]], target: str, ylabel: str,
+                     xlabel: str = "epoch", ncols: int = 2, ylim=None,
+                     logy: bool = False) -> str:
+  """One panel per title; per label the mean over seeds (rows of the array) ± sd band."""
+  fig, axes = _grid(len(panels), ncols, size=(4.4, 3.2))
+  for ax, (title, curves) in zip(axes, panels.items()):
+    for label, runs in curves.items():
+      runs = np.atleast_2d(np.asarray(runs, np.float64))
+      x = np.arange(1, runs.shape[1] + 1)
+      mean, sd = np.nanmean(runs, 0), (np.nanstd(runs, 0, ddof=1) if len(runs) > 1
+                                       else np.zeros(runs.shape[1]))
+      line, = ax.plot(x, mean, lw=1.2, label=label)
+      ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
+    if logy:
+      ax.set_yscale("log")
+    if ylim is not None:
+      ax.set_ylim(*ylim)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  return _save(fig, target)
+
+
+def plot_accuracy_vs_density(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+                             target: str, reference: Optional[float] = None) -> str:
+  """One panel per title; per label accuracy (rows: points, columns: seeds) against
+  density, mean ± sd both ways; ``reference``: a horizontal line (unpruned)."""
+  fig, axes = _grid(len(panels), 2, size=(4.6, 3.4))
+  for ax, (title, series) in zip(axes, panels.items()):
+    for label, (density, acc) in series.items():
+      d, a = 100 * np.asarray(density, np.float64), 100 * np.asarray(acc, np.float64)
+      sd = (lambda v: v.std(1, ddof=1) if v.shape[1] > 1 else np.zeros(len(v)))
+      ax.errorbar(d.mean(1), a.mean(1), xerr=sd(d), yerr=sd(a), marker="o", ms=4,
+                  capsize=3, lw=1, label=label)
+    if reference is not None:
+      ax.axhline(100 * reference, color="0.4", ls="--", lw=0.8, label="unpruned")
+    if all(np.all(np.asarray(d) > 0) for d, _ in series.values()):
+      ax.set_xscale("log")
+    ax.set_xlabel("weights kept (%)", fontsize=8)
+    ax.set_ylabel("test accuracy after retraining (%)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  return _save(fig, target)
+
+
+def plot_filter_paths(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      target: str) -> str:
+  """Per title ``(steps, norms (points, filters), selected (filters,))``: one line per
+  filter, red if selected, grey if not (Fig. 1)."""
+  fig, axes = _grid(len(panels), 3, size=(3.8, 3.0))
+  for ax, (title, (steps, norms, selected)) in zip(axes, panels.items()):
+    for g in np.flatnonzero(~selected):
+      ax.plot(steps, norms[:, g], color="0.65", lw=0.8)
+    for g in np.flatnonzero(selected):
+      ax.plot(steps, norms[:, g], color="tab:red", lw=1.0)
+    ax.set_title(f"{title} ({int(selected.sum())}/{selected.size} red)", fontsize=8)
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel("filter norm", fontsize=8)
+  fig.tight_layout()
+  return _save(fig, target)
+
+
+def _filter_strip(kernel: np.ndarray, o: int) -> np.ndarray:
+  """Filter ``o`` of an HWIO kernel as one image: its input channels side by side."""
+  k = kernel[..., o]
+  h, w, i = k.shape
+  pad = np.full((h, 1), np.nan)
+  return np.concatenate([x for c in range(i) for x in (k[:, :, c], pad)][:-1], axis=1)
+
+
+def plot_filter_images(panels: dict[str, tuple[np.ndarray, Optional[np.ndarray]]],
+                       target: str) -> str:
+  """Per title ``(HWIO kernel, selected (O,) or None)``: every output filter drawn as an
+  image (input channels side by side), selected ones framed in red."""
+  fig = plt.figure(figsize=(7.5, 1.0 + 0.32 * sum(k.shape[-1] for k, _ in panels.values())))
+  sub = fig.subfigures(len(panels), 1, height_ratios=[k.shape[-1] + 2 for k, _ in
+                                                      panels.values()])
+  for sf, (title, (kernel, selected)) in zip(np.atleast_1d(sub), panels.items()):
+    n = kernel.shape[-1]
+    cols = 8 if kernel.shape[2] == 1 else 2
+    axes = sf.subplots(-(-n // cols), cols, squeeze=False)
+    lim = float(np.abs(kernel).max()) or 1.0
+    for o, ax in enumerate(axes.flat):
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if o >= n:
+        ax.axis("off")
+        continue
+      ax.imshow(_filter_strip(kernel, o), cmap="RdBu_r", vmin=-lim, vmax=lim)
+      on = selected is not None and bool(selected[o])
+      for spine in ax.spines.values():
+        spine.set_edgecolor("tab:red" if on else "0.8")
+        spine.set_linewidth(2.0 if on else 0.5)
+    sf.suptitle(title, fontsize=8)
+  return _save(fig, target)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[str]:
   parser = argparse.ArgumentParser(prog="python -m examples.plots",
                                    description="Draw PNG plots of examples.train workdirs.")

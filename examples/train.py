@@ -72,12 +72,24 @@ class TrainState(NamedTuple):
 
 
 def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
-  """The paper's step schedules, in optimizer steps.
+  """The paper's step schedules, in optimizer steps, with an optional linear warm-up.
 
   ``step``: ×``decay_factor`` every ``decay_every`` epochs (Table 1);
   ``multistep``: ×``decay_factor`` at each epoch of ``milestones`` (80/120 of
-  160, Tables 2-5 and the lottery retraining); ``constant``.
+  160, Tables 2-5 and the lottery retraining); ``constant``. With
+  ``warmup_steps = w > 0`` step t runs at ``min(1, (t + 1) / w)`` times that rate
+  (the decay epochs do not move).
   """
+  base = _decay_schedule(config, steps_per_epoch)
+  w = config.warmup_steps
+  if w < 0:
+    raise ValueError(f"warmup_steps must be >= 0, got {w}.")
+  if w == 0:
+    return base
+  return lambda count: base(count) * jnp.minimum(1.0, (count + 1) / w)
+
+
+def _decay_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
   lr = config.learning_rate
   if config.schedule == "constant":
     return optax.constant_schedule(lr)

@@ -77,8 +77,23 @@ def test_idx_directory(tmp_path, gz):
   assert info.image_shape == (28, 28, 1)
   b = next(test.eval_batches(12))
   np.testing.assert_array_equal(b["label"], te_y)
-  # MNIST normalisation: (x/255 - 0.1307) / 0.3081
-  np.testing.assert_allclose(b["image"][..., 0], (te_x / 255.0 - 0.1307) / 0.3081, rtol=1e-5)
+  # Normalised with the directory's own training split: (x/255 - mean) / std.
+  mean, std = (tr_x / 255.0).mean(), (tr_x / 255.0).std()
+  np.testing.assert_allclose(b["image"][..., 0], (te_x / 255.0 - mean) / std, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_idx_stats_against_hand_values():
+  # Two pixels 0 and 255 → values 0 and 1: mean 1/2, population std 1/2.
+  images = np.array([[[0, 255]]], np.uint8)
+  mean, std = ip.idx_stats(images)
+  assert mean == pytest.approx((0.5,)) and std == pytest.approx((0.5,))
+  # Per channel, and float images used as they are: channel 1 is 2, 4 → mean 3, std 1.
+  rgb = np.array([[[[0.0, 2.0], [1.0, 4.0]]]], np.float32)  # (1, 1, 2, 2)
+  mean, std = ip.idx_stats(rgb)
+  assert mean == pytest.approx((0.5, 3.0)) and std == pytest.approx((0.5, 1.0))
+  with pytest.raises(ValueError, match="channel 0 .* constant"):
+    ip.idx_stats(np.zeros((2, 3, 3), np.uint8))
 
 
 def test_idx_bad_magic_and_missing_files(tmp_path):

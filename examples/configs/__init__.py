@@ -13,16 +13,18 @@ name                            run
 ``lottery/<net>/search|retrain`` Fig. 5 (net = vgg16, resnet56, vgg16_lasso,
                                 resnet50_lasso)
 ``rewind/<net>/search|finetune|sgd_lottery``  App. D (net = lenet3, conv2, conv4)
+``fashion/<model>/<variant>``   study 1 on Fashion-MNIST IDX files (model = lenet5,
+                                conv4; python -m examples.study, docs/results.md)
 =============================  ================================================
 
 Table 1 variants: splitlbi_naive, splitlbi_mom, splitlbi_mom_wd (the plain
 name), splitlbi_nesterov, sgd_naive, sgd_mom, sgd_mom_wd, sgd_nesterov, adam.
 """
 
-from examples.configs import ablations, digits, lottery, rewind, table1
+from examples.configs import ablations, digits, fashion, lottery, rewind, table1
 from examples.configs.base import Config, apply_overrides
 
-_MODULES = (digits, table1, ablations, lottery, rewind)
+_MODULES = (digits, table1, ablations, lottery, rewind, fashion)
 
 
 def all_configs() -> dict[str, Config]:

@@ -47,6 +47,7 @@ class Config:
   decay_every: int = 30
   milestones: tuple = (80, 120)
   decay_factor: float = 0.1
+  warmup_steps: int = 0            # linear warm-up of the rate over the first steps
   # loop
   epochs: int = 100
   batch_size: int = 128
