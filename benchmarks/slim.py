@@ -41,7 +41,7 @@ MASKS_PATH = os.path.join(HERE, "slim_masks.npz")
 FASHION = "/usr/share/datasets/fashion-mnist"
 NETS = ("vgg16", "resnet56")
 FAMILIES = ("early", "supp", "p50", "p25")
-SWEEP = ((32, (64, 32, 16, 8, 4)), (16, (256, 128, 64, 32)))  # (H = W, channel counts)
+SWEEP = ((32, (64, 32, 16, 8, 4)), (16, (256, 128, 64, 32)), (2, (512, 256, 64)))  # (H = W, C)
 CONV_LAM = 0.05  # ResNet-56: the paper's Table 10; VGG-16: the official script (paper: 0.1)
 BATCH = 256
 
