@@ -37,11 +37,13 @@ def load_revision(rev: str):
   name = "optax_splitlbi_" + re.sub(r"\W", "_", rev)
   tmp = tempfile.mkdtemp()
   os.makedirs(os.path.join(tmp, name))
-  files = subprocess.check_output(["git", "ls-tree", "--name-only", rev, "optax_splitlbi/"],
+  files = subprocess.check_output(["git", "ls-tree", "-r", "--name-only", rev, "optax_splitlbi/"],
                                   cwd=ROOT, text=True).split()
-  for path in files:
+  for path in files:  # subpackages included
     src = subprocess.check_output(["git", "show", f"{rev}:{path}"], cwd=ROOT, text=True)
-    with open(os.path.join(tmp, name, os.path.basename(path)), "w") as f:
+    dest = os.path.join(tmp, name, os.path.relpath(path, "optax_splitlbi"))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with open(dest, "w") as f:
       f.write(re.sub(r"\boptax_splitlbi\b", name, src))
   sys.path.insert(0, tmp)
   return importlib.import_module(name)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,10 +67,32 @@ def own_buffer(pred: jax.Array, fn: Callable[..., jax.Array], *args) -> jax.Arra
   return jax.lax.cond(pred, fn, fn, *args)
 
 
-def buffered_leaf_step(step_fn: Callable[..., Any], *args) -> Any:
-  """``step_fn(*args)`` (the equations form) with the coupling gradient in its own
-  buffer; the step count (``args[-1].count``, traced) makes the predicate."""
-  return step_fn(*args, own_buffer=functools.partial(own_buffer, args[-1].count >= 0))
+class _GroupGamma(NamedTuple):
+  """A lean group Γ = κ·s_g·V whose group factors κ·s_g were computed beforehand."""
+
+  factor: jax.Array
+
+  def __call__(self, v: jax.Array) -> jax.Array:
+    return self.factor * v
+
+
+def _norms_outside(gamma_of: Optional[LeafProx], v: jax.Array) -> Any:
+  """Lean group Γ with the group norms of V reduced outside the conditional: inside
+  it XLA:CPU does not split the scaling loop across threads (lean ResNet-50
+  update 12 % slower)."""
+  if gamma_of is None or gamma_of.elementwise:
+    return gamma_of
+  pe = gamma_of.penalty
+  scales = group_scales(v, pe.reduce_axes, gamma_of.threshold, gamma_of.axis_name)
+  return _GroupGamma(gamma_of.scale * scales)
+
+
+def buffered_leaf_step(step_fn: Callable[..., Any], g, w, b, v, gam, prox_v: LeafProx,
+                       gamma_of: Optional[LeafProx], h, **options) -> Any:
+  """``step_fn`` (the equations form) with the coupling gradient in its own
+  buffer; the step count (``h.count``, traced) makes the predicate."""
+  return step_fn(g, w, b, v, gam, prox_v, _norms_outside(gamma_of, v), h, **options,
+                 own_buffer=functools.partial(own_buffer, h.count >= 0))
 
 
 def on_cpu(cpu: Callable[..., Any], default: Callable[..., Any],
