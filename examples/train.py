@@ -584,11 +584,10 @@ def slim_and_evaluate(model, state: TrainState, masks: Any, sample: np.ndarray,
     "module", "variables"}``, or ``{"error": message}`` when the masks cannot be
     slimmed (e.g. supp Γ is still empty in some layer).
   """
-  variables = {"params": jax.device_get(state.params)}
-  if jax.tree.leaves(state.batch_stats):
-    variables["batch_stats"] = jax.device_get(state.batch_stats)
+  params, stats, masks = distributed.fetch((state.params, state.batch_stats, masks))
+  variables = {"params": params, **({"batch_stats": stats} if jax.tree.leaves(stats) else {})}
   try:
-    res = slbi.slim_linen(model, variables, jax.device_get(masks), sample, train=False)
+    res = slbi.slim_linen(model, variables, masks, sample, train=False)
   except ValueError as e:
     say(f"\nSlimming skipped: {e}")
     return {"error": str(e)}
