@@ -167,3 +167,19 @@ def test_fashion_configs_follow_table1_variants():
   assert get("fashion/conv4/adam").learning_rate == 1e-3
   assert get("fashion/conv4/sgd_nesterov").learning_rate == 0.01
   assert get("fashion/conv4/sgd_nesterov").nesterov
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("table1", ["| splitlbi_mom_wd |", "| sgd_mom_wd |", "Compute: 4 runs"]),
+    ("kappa_nu", ["| κ | ν | α |", "best W on supp Γ"]),
+    ("path", ["Conv_1"]),
+    ("sensitivity", ["Dead runs out of seeds", "largest stable lr", "larger ν"]),
+])
+def test_every_study_runs_in_smoke_mode(idx_dir, tmp_path, name, expect):
+  out = str(tmp_path / "out")
+  written = study.main([name, "--smoke", "--data", f"idx:{idx_dir}", "--out", out])
+  text = open(written[0]).read()
+  assert text.startswith(f"# Study `{name}` (smoke)")
+  for snippet in expect:
+    assert snippet in text, snippet
+  assert [f for f in os.listdir(os.path.join(out, name)) if f.endswith(".png")]

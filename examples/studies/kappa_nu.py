@@ -34,7 +34,7 @@ class Settings:
 
 
 SETTINGS = {"full": Settings(),
-            "smoke": Settings(seeds=2, kappas=(1, 10), nus=(100, 1000), epochs=2,
+            "smoke": Settings(seeds=1, kappas=(1, 10), nus=(100, 1000), epochs=2,
                               milestones=(1,), train_examples=256, eval_examples=64)}
 
 

@@ -48,7 +48,7 @@ class Settings:
 
 
 SETTINGS = {"full": Settings(),
-            "smoke": Settings(seeds=2, seeds_at_paper_rate=2, steps=3, multipliers=(1.0,), init_multipliers=(1.0,),
+            "smoke": Settings(seeds=1, seeds_at_paper_rate=1, steps=3, multipliers=(1.0,), init_multipliers=(1.0,),
                               default_seeds=1, default_epochs=1, train_examples=256,
                               eval_examples=64, coupling=(("splitlbi_naive", 100.0),),
                               coupling_seeds=1)}
