@@ -61,7 +61,8 @@ def _train_table(train: dict) -> list[str]:
   return L
 
 
-def render(res: dict) -> str:
+def _machine_section(res: dict) -> list[str]:
+  """Title, how the file was generated, and the machine it ran on."""
   m = res["machine"]
   L = []
   L.append("# optax_splitlbi benchmarks\n")
@@ -84,100 +85,141 @@ def render(res: dict) -> str:
            "every comparison below is made *within one run*, candidates interleaved round-robin "
            "in shuffled order, and reported as medians, interquartile ranges (IQR) and ratios "
            "of medians. Trust the ratios more than the absolute milliseconds.\n")
-  if "update" in res:
-    L.append("## Update only (jitted `update` + `apply_updates`, params and state donated, f32)\n")
-    L.append("Bytes = compulsory traffic of a fused update (SGD-momentum reads W, g, b and writes "
-             "W, b; SplitLBI also reads and writes V and Γ on penalized leaves; lean SplitLBI "
-             "only V; AdamW μ, ν). *Copy BW* = a donated jitted `x + 1` over a 256 MiB array "
-             "(read + write bytes), timed interleaved in the same run. *× bound* = median time ÷ "
-             "(bytes ÷ copy BW); *BW frac* = its inverse, the achieved fraction of copy bandwidth.\n")
-    L.extend(_update_table(res["update"]))
-  if "train" in res:
-    L.append("## Full train step (forward + backward + update), batch 128\n")
-    L.append("Models from `examples/models.py` (LeNet-5 on 28×28×1, ResNet-20 on 32×32×3 with "
-             "BatchNorm), softmax cross-entropy, params / batch stats / optimizer state donated. "
-             "*paired* = median over rounds of (time ÷ SGD time in the same round).\n")
-    L.extend(_train_table(res["train"]))
-  if "memory" in res:
-    L.append("## Memory\n")
-    L.append("*state/param* = optimizer-state bytes ÷ parameter bytes, counted exactly from the "
-             "state tree (all leaves; count included); *penalized* = the same over penalized "
-             "leaves only (where SplitLBI keeps b, V and Γ; unpenalized leaves keep only b). "
-             "*XLA temp / args* = buffer sizes from the compiled step's `memory_analysis()`. "
-             "*Peak RSS* = process peak resident memory (each configuration in a fresh process), "
-             "shown above the same process's peak after JAX start-up; on CPU it includes the "
-             "compiler's own memory. Device memory stats: only on GPU/TPU (none here). "
-             "Modes: `default`; `lean` = `store_gamma=False`; `bf16` = bf16 params with "
-             "`state_dtype=jnp.float32` (ratios are per *bf16* parameter byte).\n")
-    L.append("| step | mode | state/param | penalized state/param | XLA args MiB | XLA temp MiB | peak RSS − start-up MiB | peak RSS MiB | compile s |")
-    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for key, modes in res["memory"].items():
-      for mode, r in modes.items():
-        if "error" in r:
-          L.append(f"| {key} | {mode} | error | | | | | | |")
-          continue
-        ma = r.get("memory_analysis") or {}
-        pen = r.get("penalized_state_per_param_byte")
-        L.append(f"| {key} | {mode} | {r['state_per_param_byte']:.3f} | "
-                 f"{'' if pen is None else f'{pen:.3f}'} | "
-                 f"{_mib(ma.get('argument_size_in_bytes', 0))} | {_mib(ma.get('temp_size_in_bytes', 0))} | "
-                 f"{_mib(r['peak_rss_above_startup'])} | {_mib(r['peak_rss_bytes'])} | {r['compile_s']:.1f} |")
+  return L
+
+
+def _update_section(upd: dict) -> list[str]:
+  """Update-only timings against the copy-bandwidth bound."""
+  L = []
+  L.append("## Update only (jitted `update` + `apply_updates`, params and state donated, f32)\n")
+  L.append("Bytes = compulsory traffic of a fused update (SGD-momentum reads W, g, b and writes "
+           "W, b; SplitLBI also reads and writes V and Γ on penalized leaves; lean SplitLBI "
+           "only V; AdamW μ, ν). *Copy BW* = a donated jitted `x + 1` over a 256 MiB array "
+           "(read + write bytes), timed interleaved in the same run. *× bound* = median time ÷ "
+           "(bytes ÷ copy BW); *BW frac* = its inverse, the achieved fraction of copy bandwidth.\n")
+  L.extend(_update_table(upd))
+  return L
+
+
+def _train_section(train: dict) -> list[str]:
+  """Full train-step timings."""
+  L = []
+  L.append("## Full train step (forward + backward + update), batch 128\n")
+  L.append("Models from `examples/models.py` (LeNet-5 on 28×28×1, ResNet-20 on 32×32×3 with "
+           "BatchNorm), softmax cross-entropy, params / batch stats / optimizer state donated. "
+           "*paired* = median over rounds of (time ÷ SGD time in the same round).\n")
+  L.extend(_train_table(train))
+  return L
+
+
+def _memory_section(memory: dict) -> list[str]:
+  """State sizes, XLA buffer sizes and peak RSS."""
+  L = []
+  L.append("## Memory\n")
+  L.append("*state/param* = optimizer-state bytes ÷ parameter bytes, counted exactly from the "
+           "state tree (all leaves; count included); *penalized* = the same over penalized "
+           "leaves only (where SplitLBI keeps b, V and Γ; unpenalized leaves keep only b). "
+           "*XLA temp / args* = buffer sizes from the compiled step's `memory_analysis()`. "
+           "*Peak RSS* = process peak resident memory (each configuration in a fresh process), "
+           "shown above the same process's peak after JAX start-up; on CPU it includes the "
+           "compiler's own memory. Device memory stats: only on GPU/TPU (none here). "
+           "Modes: `default`; `lean` = `store_gamma=False`; `bf16` = bf16 params with "
+           "`state_dtype=jnp.float32` (ratios are per *bf16* parameter byte).\n")
+  L.append("| step | mode | state/param | penalized state/param | XLA args MiB | XLA temp MiB | peak RSS − start-up MiB | peak RSS MiB | compile s |")
+  L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+  for key, modes in memory.items():
+    for mode, r in modes.items():
+      if "error" in r:
+        L.append(f"| {key} | {mode} | error | | | | | | |")
+        continue
+      ma = r.get("memory_analysis") or {}
+      pen = r.get("penalized_state_per_param_byte")
+      L.append(f"| {key} | {mode} | {r['state_per_param_byte']:.3f} | "
+               f"{'' if pen is None else f'{pen:.3f}'} | "
+               f"{_mib(ma.get('argument_size_in_bytes', 0))} | {_mib(ma.get('temp_size_in_bytes', 0))} | "
+               f"{_mib(r['peak_rss_above_startup'])} | {_mib(r['peak_rss_bytes'])} | {r['compile_s']:.1f} |")
+  L.append("")
+  return L
+
+
+def _scaling_section(s: dict) -> list[str]:
+  """Compile time, and update time against the number of leaves and parameters."""
+  L = []
+  L.append("## Compile time of the update step (lower + compile, s)\n")
+  opts = list(next(iter(s["compile_s"].values())))
+  L.append("| tree | " + " | ".join(opts) + " |")
+  L.append("|---|" + "---:|" * len(opts))
+  for arch, d in s["compile_s"].items():
+    L.append(f"| {arch} | " + " | ".join(f"{d[o]:.2f}" for o in opts) + " |")
+  L.append("")
+  L.append("## Update time vs number of leaves (L kernels of shape 3×3×16×16)\n")
+  L.append("| L | params | optimizer | median ms | µs per leaf | × bound | compile s |")
+  L.append("|---:|---:|---|---:|---:|---:|---:|")
+  for r in s["leaves"]["rows"]:
+    L.append(f"| {r['key']} | {r['params']:,} | {r['opt']} | {_ms(r['median'])} | "
+             f"{r['per_leaf_us']:.1f} | {r['x_bound']:.1f} | {r['compile_s']:.2f} |")
+  L.append("")
+  L.append("## Update time vs parameter count (2 kernels of shape 3×3×C×C)\n")
+  L.append("| C | params | optimizer | median ms | IQR ms | × bound |")
+  L.append("|---:|---:|---|---:|---:|---:|")
+  for r in s["params"]["rows"]:
+    L.append(f"| {r['key']} | {r['params']:,} | {r['opt']} | {_ms(r['median'])} | "
+             f"{_ms(r['iqr'])} | {r['x_bound']:.2f} |")
+  L.append(f"\nCopy bandwidth in these runs: leaves {s['leaves']['copy_bandwidth'] / 1e9:.1f} GB/s, "
+           f"params {s['params']['copy_bandwidth'] / 1e9:.1f} GB/s.\n")
+  return L
+
+
+def _fused_section(f: dict) -> list[str]:
+  """The update and train-step tables again, with multi-output fusion on."""
+  L = []
+  L.append("## With XLA:CPU multi-output fusion\n")
+  L.append(f"The same update and train-step benchmarks in a fresh process with "
+           f"`XLA_FLAGS={f['flag']}` (off by default in XLA:CPU). With it, "
+           "`splitlbi` picks its fusion-friendly CPU form and each penalized leaf's ΔW, b', V' "
+           "(and Γ' for lasso leaves) become one kernel that reads W, g, b, V, Γ once "
+           "(`tests/test_fusion.py` checks the compiled structure).\n")
+  L.extend(_update_table(f["update"]))
+  L.extend(_train_table(f["train"]))
+  return L
+
+
+def _ab_section(ab: dict) -> list[str]:
+  """Old / new update timings of ``benchmarks/ab_results.json``."""
+  L = []
+  L.append("## Before / after a change of the update\n")
+  L.append(f"{ab['description']} `python -m benchmarks.compare_transform --rev REV`, old and "
+           "new interleaved in one process with SGD-momentum and a copy kernel; *÷ SGD "
+           "(bytes)* = (time ÷ SGD-momentum's time) ÷ (bytes ÷ SGD-momentum's bytes), 1.0 "
+           "meaning as close to the memory bound as optax's SGD; *max |Δ|* = largest "
+           "difference of the parameters after all timed steps (float rounding only).\n")
+  for label, runs in ab["runs"].items():
+    L.append(f"{label}:\n")
+    L.append("| tree | mode | old ms | new ms | speed-up | old ÷ SGD (bytes) | "
+             "new ÷ SGD (bytes) | max abs Δ params |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    for tree, r in runs.items():
+      for mode, suf in (("default", ""), ("lean", "_lean")):
+        o, n = r["old" + suf], r["new" + suf]
+        L.append(f"| {tree} | {mode} | {_ms(o['median'])} | {_ms(n['median'])} | "
+                 f"{r['speedup' + suf]:.2f}× | {o.get('bytes_scaled_vs_sgd', float('nan')):.2f} | "
+                 f"{n.get('bytes_scaled_vs_sgd', float('nan')):.2f} | "
+                 f"{r['max_abs_diff_params' + suf]:.1e} |")
     L.append("")
-  if "scaling" in res:
-    s = res["scaling"]
-    L.append("## Compile time of the update step (lower + compile, s)\n")
-    opts = list(next(iter(s["compile_s"].values())))
-    L.append("| tree | " + " | ".join(opts) + " |")
-    L.append("|---|" + "---:|" * len(opts))
-    for arch, d in s["compile_s"].items():
-      L.append(f"| {arch} | " + " | ".join(f"{d[o]:.2f}" for o in opts) + " |")
-    L.append("")
-    L.append("## Update time vs number of leaves (L kernels of shape 3×3×16×16)\n")
-    L.append("| L | params | optimizer | median ms | µs per leaf | × bound | compile s |")
-    L.append("|---:|---:|---|---:|---:|---:|---:|")
-    for r in s["leaves"]["rows"]:
-      L.append(f"| {r['key']} | {r['params']:,} | {r['opt']} | {_ms(r['median'])} | "
-               f"{r['per_leaf_us']:.1f} | {r['x_bound']:.1f} | {r['compile_s']:.2f} |")
-    L.append("")
-    L.append("## Update time vs parameter count (2 kernels of shape 3×3×C×C)\n")
-    L.append("| C | params | optimizer | median ms | IQR ms | × bound |")
-    L.append("|---:|---:|---|---:|---:|---:|")
-    for r in s["params"]["rows"]:
-      L.append(f"| {r['key']} | {r['params']:,} | {r['opt']} | {_ms(r['median'])} | "
-               f"{_ms(r['iqr'])} | {r['x_bound']:.2f} |")
-    L.append(f"\nCopy bandwidth in these runs: leaves {s['leaves']['copy_bandwidth'] / 1e9:.1f} GB/s, "
-             f"params {s['params']['copy_bandwidth'] / 1e9:.1f} GB/s.\n")
-  if "fused" in res:
-    f = res["fused"]
-    L.append("## With XLA:CPU multi-output fusion\n")
-    L.append(f"The same update and train-step benchmarks in a fresh process with "
-             f"`XLA_FLAGS={f['flag']}` (off by default in XLA:CPU). With it, "
-             "`splitlbi` picks its fusion-friendly CPU form and each penalized leaf's ΔW, b', V' "
-             "(and Γ' for lasso leaves) become one kernel that reads W, g, b, V, Γ once "
-             "(`tests/test_fusion.py` checks the compiled structure).\n")
-    L.extend(_update_table(f["update"]))
-    L.extend(_train_table(f["train"]))
+  return L
+
+
+def render(res: dict) -> str:
+  """The markdown of RESULTS.md: one section per benchmark in ``res``, then targets and notes."""
+  L = _machine_section(res)
+  sections = (("update", _update_section), ("train", _train_section),
+              ("memory", _memory_section), ("scaling", _scaling_section),
+              ("fused", _fused_section))
+  for key, section in sections:
+    if key in res:
+      L.extend(section(res[key]))
   if res.get("ab"):
-    ab = res["ab"]
-    L.append("## Before / after a change of the update\n")
-    L.append(f"{ab['description']} `python -m benchmarks.compare_transform --rev REV`, old and "
-             "new interleaved in one process with SGD-momentum and a copy kernel; *÷ SGD "
-             "(bytes)* = (time ÷ SGD-momentum's time) ÷ (bytes ÷ SGD-momentum's bytes), 1.0 "
-             "meaning as close to the memory bound as optax's SGD; *max |Δ|* = largest "
-             "difference of the parameters after all timed steps (float rounding only).\n")
-    for label, runs in ab["runs"].items():
-      L.append(f"{label}:\n")
-      L.append("| tree | mode | old ms | new ms | speed-up | old ÷ SGD (bytes) | "
-               "new ÷ SGD (bytes) | max abs Δ params |")
-      L.append("|---|---|---:|---:|---:|---:|---:|---:|")
-      for tree, r in runs.items():
-        for mode, suf in (("default", ""), ("lean", "_lean")):
-          o, n = r["old" + suf], r["new" + suf]
-          L.append(f"| {tree} | {mode} | {_ms(o['median'])} | {_ms(n['median'])} | "
-                   f"{r['speedup' + suf]:.2f}× | {o.get('bytes_scaled_vs_sgd', float('nan')):.2f} | "
-                   f"{n.get('bytes_scaled_vs_sgd', float('nan')):.2f} | "
-                   f"{r['max_abs_diff_params' + suf]:.1e} |")
-      L.append("")
+    L.extend(_ab_section(res["ab"]))
   if "slim" in res:
     from benchmarks import slim  # pylint: disable=g-import-not-at-top
     L.extend(slim.render(res["slim"]))

@@ -44,7 +44,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -327,6 +327,321 @@ def _checkpoint_manager(workdir: str, config: Config):
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
 
 
+class _Run(NamedTuple):
+  """What the training loop's helpers share: the run's config, devices, data,
+  model, optimizer and jitted steps (everything but the train state)."""
+
+  config: Config
+  workdir: Optional[str]
+  say: Callable[..., None]
+  pid: int
+  pcount: int
+  n_dev: int
+  data_sharding: NamedSharding
+  replicated: NamedSharding
+  shardings: TrainState
+  train_ds: Any
+  eval_ds: Any
+  info: Any
+  steps_per_epoch: int
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  is_slbi: bool
+  has_bn: bool
+  train_step: Callable
+  eval_step: Callable
+  sparse_fn: Callable
+
+
+def _prepare_workdir(config: Config, workdir: Optional[str]) -> Optional[str]:
+  """The absolute ``workdir`` (created, with config.json from process 0), or ``None``."""
+  if workdir:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+  return workdir
+
+
+def _devices(config: Config) -> jax.sharding.Mesh:
+  """One ``"data"`` axis over all (or ``num_devices``) devices; checks the batch sizes."""
+  mesh = distributed.data_mesh(config.num_devices)
+  for what, bs in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
+    if bs % mesh.size:
+      raise ValueError(f"{what}={bs} must be divisible by the {mesh.size} devices.")
+  return mesh
+
+
+def _datasets(config: Config) -> tuple[Any, Any, Any, int]:
+  """``(train_ds, eval_ds, info, steps_per_epoch)``."""
+  train_ds, eval_ds, info = input_pipeline.create_datasets(
+      config.dataset, data_dir=config.data_dir and os.path.expanduser(config.data_dir),
+      image_size=config.image_size, seed=config.seed, augment=config.augment,
+      train_examples=config.train_examples)
+  steps_per_epoch = train_ds.steps_per_epoch(config.batch_size)
+  if config.max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {info.num_train} "
+                     "training examples.")
+  return train_ds, eval_ds, info, steps_per_epoch
+
+
+def _init_fn(model, tx: optax.GradientTransformation, image_shape: tuple):
+  """``init(rng) -> TrainState`` of freshly initialised weights."""
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    stats = variables.get("batch_stats", {})
+    return TrainState(params, stats, tx.init(params))
+
+  return init
+
+
+def _init_rng(config: Config) -> jax.Array:
+  # rbg: XLA:CPU compiles threefry samplers slowly (ResNet init 16 s → 2 s).
+  return jax.random.key(config.seed, impl=config.prng_impl)
+
+
+def _setup(config: Config, workdir: Optional[str], say: Callable[..., None]) -> _Run:
+  """Devices, data, model, optimizer, state layout and the jitted steps of a run."""
+  mesh = _devices(config)
+  replicated = NamedSharding(mesh, P())
+  train_ds, eval_ds, info, steps_per_epoch = _datasets(config)
+  model = models.get_model(config.model, info.num_classes, **dict(config.model_kwargs))
+  if config.retrain_slim:
+    model = slim_architecture(config, model, info.image_shape)
+  tx = make_optimizer(config, steps_per_epoch)
+  abstract = jax.eval_shape(_init_fn(model, tx, info.image_shape), _init_rng(config))
+  shardings = distributed.tree_shardings(abstract, mesh, config.param_sharding)
+  has_bn = bool(jax.tree.leaves(abstract.batch_stats))
+  return _Run(
+      config=config, workdir=workdir, say=say, pid=jax.process_index(),
+      pcount=jax.process_count(), n_dev=mesh.size,
+      data_sharding=NamedSharding(mesh, P("data")), replicated=replicated,
+      shardings=shardings, train_ds=train_ds, eval_ds=eval_ds, info=info,
+      steps_per_epoch=steps_per_epoch, model=model, tx=tx,
+      schedule=make_schedule(config, steps_per_epoch),
+      is_slbi=config.optimizer == "splitlbi", has_bn=has_bn,
+      train_step=jax.jit(make_train_step(model, tx, has_bn), donate_argnums=(0,),
+                         out_shardings=(shardings, replicated)),
+      eval_step=jax.jit(make_eval_step(model, has_bn), out_shardings=replicated),
+      sparse_fn=jax.jit(slbi.sparse_params, out_shardings=shardings.params))
+
+
+def _initial_state(run: _Run) -> tuple[TrainState, Any]:
+  """The initial train state (``init_from`` weights, ``mask_from`` applied) and the
+  fixed masks (``None`` unless ``mask_from`` without ``retrain_slim``)."""
+  config = run.config
+  init = _init_fn(run.model, run.tx, run.info.image_shape)
+  state = jax.jit(init, out_shardings=run.shardings)(_init_rng(config))
+  # A state from given params: b, V, Γ laid out like them (also across hosts).
+  state_from = jax.jit(lambda p, s: TrainState(p, s, run.tx.init(p)),
+                       out_shardings=run.shardings)
+  if config.init_from:
+    params, stats = load_snapshot(os.path.expanduser(config.init_from), state.params,
+                                  state.batch_stats)
+    state = state_from(params, stats)
+  masks = None
+  if config.mask_from and not config.retrain_slim:
+    masks = jax.device_put(load_masks(os.path.expanduser(config.mask_from), state.params),
+                           run.replicated)
+    masked = jax.tree.map(lambda x, m: x if m is None else x * m.astype(x.dtype),
+                          state.params, masks, is_leaf=lambda x: x is None)
+    state = state_from(masked, state.batch_stats)
+  return state, masks
+
+
+def _resume(run: _Run, ckpt, state: TrainState) -> tuple[TrainState, int]:
+  """The latest checkpoint (in this run's layout) and its epoch; else ``(state, 0)``."""
+  if ckpt is None or ckpt.latest_step() is None:
+    return state, 0
+  import orbax.checkpoint as ocp
+  start_epoch = int(ckpt.latest_step())
+  abstract = jax.tree.map(  # this run's layout, whatever the writer's was
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = ckpt.restore(start_epoch, args=ocp.args.StandardRestore(abstract))
+  run.say(f"Resumed from {run.workdir}/checkpoints at epoch {start_epoch}.")
+  return TrainState(*restored), start_epoch
+
+
+def _norms_path(run: _Run) -> Optional[str]:
+  return os.path.join(run.workdir, "norms.npz") if run.workdir else None
+
+
+def _load_norm_rows(run: _Run, start_epoch: int) -> dict[str, list]:
+  """The recorded per-filter norms of epochs ``0..start_epoch`` (when resuming)."""
+  path = _norms_path(run)
+  if path and os.path.exists(path) and start_epoch > 0:
+    with np.load(path) as f:
+      return {k: list(v[:start_epoch + 1]) for k, v in f.items()}
+  return {}
+
+
+def _to_global(run: _Run, batch: dict) -> dict:
+  return {k: jax.make_array_from_process_local_data(run.data_sharding, v)
+          for k, v in batch.items()}
+
+
+def _evaluate(run: _Run, params, batch_stats, step=None) -> tuple[float, float]:
+  """``(accuracy, loss)`` on the test set (``step``: the run's eval step by default)."""
+  step = run.eval_step if step is None else step
+  config = run.config
+  tot = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+  for batch in run.eval_ds.eval_batches(config.eval_batch_size, process_index=run.pid,
+                                        process_count=run.pcount,
+                                        max_examples=config.eval_examples):
+    out = jax.device_get(step(params, batch_stats, _to_global(run, batch)))
+    tot = {k: tot[k] + float(out[k]) for k in tot}
+  return tot["correct"] / tot["count"], tot["loss"] / tot["count"]
+
+
+def _snapshot(run: _Run, state: TrainState, epoch: int) -> None:
+  """Weights and supp Γ at the chosen epochs: every process gathers, process 0 writes."""
+  config, workdir = run.config, run.workdir
+  if not workdir:
+    return
+  if epoch in config.save_params_at:
+    params, stats = distributed.fetch((state.params, state.batch_stats))
+    flat = {f"params/{k}": v for k, v in _flat(params).items()}
+    flat.update({f"batch_stats/{k}": v for k, v in _flat(stats).items()})
+    if run.pid == 0:
+      save_npz(os.path.join(workdir, "snapshots", f"epoch_{epoch:04d}.npz"), flat)
+  if epoch in config.save_masks_at and run.is_slbi:
+    sup = {k: v for k, v in _flat(distributed.fetch(slbi.support(state.opt_state))).items()
+           if v is not None}
+    if run.pid == 0:
+      save_npz(os.path.join(workdir, "masks", f"epoch_{epoch:04d}.npz"), sup)
+
+
+def _record_norms(run: _Run, state: TrainState, norm_rows: dict[str, list]) -> None:
+  """Appends this epoch's per-filter norms to ``norm_rows`` (process 0 writes them)."""
+  if not (run.is_slbi and run.config.record_norms):
+    return
+  for k, v in filter_norms(*distributed.fetch((state.opt_state, state.params))).items():
+    norm_rows.setdefault(k, []).append(v)
+  path = _norms_path(run)
+  if path and run.pid == 0:
+    save_npz(path, {k: np.stack(v) for k, v in norm_rows.items()})
+
+
+def _train_epoch(run: _Run, state: TrainState, masks: Any,
+                 epoch: int) -> tuple[TrainState, dict[str, float]]:
+  """One epoch of train steps; returns the state and the mean loss and accuracy."""
+  config, steps = run.config, run.steps_per_epoch
+  batches = run.train_ds.train_batches(config.batch_size, epoch, max_steps=steps,
+                                       process_index=run.pid, process_count=run.pcount)
+  bar = None
+  if config.progress and _is_tty():
+    from tqdm import tqdm
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False)
+  sums = None
+  for batch in batches:
+    state, m = run.train_step(state, _to_global(run, batch), masks)
+    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+    if bar is not None:
+      bar.update()
+  if bar is not None:
+    bar.close()
+  return state, {k: float(v) / steps for k, v in jax.device_get(sums).items()}
+
+
+def _epoch_metrics(run: _Run, state: TrainState, masks: Any, epoch: int,
+                   train_metrics: dict[str, float]) -> tuple[dict, Optional[dict]]:
+  """The epoch's row (dense and sparse test metrics, densities) and sparsity report."""
+  acc, loss = _evaluate(run, state.params, state.batch_stats)
+  row = {"epoch": epoch, "lr": float(run.schedule(epoch * run.steps_per_epoch - 1)),
+         "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
+         "test_loss": loss, "test_accuracy": acc}
+  report = None
+  if run.is_slbi:
+    sparse = run.sparse_fn(state.params, state.opt_state)
+    row["sparse_test_accuracy"], row["sparse_test_loss"] = _evaluate(run, sparse,
+                                                                     state.batch_stats)
+    report = sparsity_report(*distributed.fetch((state.opt_state, state.params)))
+  elif masks is not None:
+    report = mask_sparsity_report({k: np.asarray(v) for k, v in
+                                   _flat(jax.device_get(masks)).items() if v is not None})
+  if report is not None:
+    row["weight_density"] = report["total"]["weight_density"]
+    row["group_density"] = report["total"]["group_density"]
+    row["layer_density"] = {k: v["weight_density"] for k, v in report["layers"].items()}
+  return row, report
+
+
+def _save_checkpoint(run: _Run, ckpt, state: TrainState, epoch: int) -> None:
+  """Every ``checkpoint_every`` epochs and at the last one (with a workdir)."""
+  config = run.config
+  if ckpt is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
+    import orbax.checkpoint as ocp
+    ckpt.save(epoch, args=ocp.args.StandardSave(state))
+    ckpt.wait_until_finished()
+
+
+def _epoch_line(row: dict) -> str:
+  """The line printed after each epoch."""
+  line = (f"epoch {row['epoch']:3d}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+          f"acc {row['train_accuracy']:.2%}  test acc {row['test_accuracy']:.2%}")
+  if "sparse_test_accuracy" in row:
+    line += (f"  sparse acc {row['sparse_test_accuracy']:.2%}  weights kept "
+             f"{row['weight_density']:.1%}  groups kept {row['group_density']:.1%}")
+  return line + f"  ({row['epoch_time_s']:.1f}s)"
+
+
+def _run_epoch(run: _Run, state: TrainState, masks: Any, epoch: int, logger: _Logger,
+               norm_rows: dict[str, list], ckpt) -> tuple[TrainState, dict]:
+  """Trains, evaluates, logs, records and checkpoints one epoch.
+
+  Returns:
+    The new state and the epoch's result (its row plus ``sparsity``).
+  """
+  t0 = time.time()
+  state, train_metrics = _train_epoch(run, state, masks, epoch)
+  row, report = _epoch_metrics(run, state, masks, epoch, train_metrics)
+  row["epoch_time_s"] = time.time() - t0
+  logger.log(row)
+  _record_norms(run, state, norm_rows)
+  _snapshot(run, state, epoch)
+  _save_checkpoint(run, ckpt, state, epoch)
+  run.say(_epoch_line(row))
+  return state, dict(row, sparsity=report)
+
+
+def _say_header(run: _Run) -> None:
+  config, info = run.config, run.info
+  run.say(f"{config.name}: {config.description}\n  model {config.model} on {info.name} "
+          f"({info.num_train} train / {info.num_eval} test, {info.image_shape}), optimizer "
+          f"{config.optimizer}, {config.epochs} epochs × {run.steps_per_epoch} steps, batch "
+          f"{config.batch_size} on {run.n_dev} device(s)")
+
+
+def _say_final(run: _Run, result: dict, verbose: bool) -> None:
+  """The final accuracies and, for sparse runs, the per-layer sparsity table."""
+  say, name = run.say, run.config.name
+  if verbose and result.get("sparsity") is not None:
+    say(f"\nFinal ({name}): dense W test accuracy {result['test_accuracy']:.2%}"
+        + (f", sparse W on supp Γ {result['sparse_test_accuracy']:.2%}"
+           if "sparse_test_accuracy" in result else ""))
+    say("Per-layer sparsity (nonzero / total):")
+    say(format_report(result["sparsity"]))
+  elif verbose and "test_accuracy" in result:
+    say(f"\nFinal ({name}): test accuracy {result['test_accuracy']:.2%}")
+
+
+def _slim(run: _Run, state: TrainState, masks: Any, result: dict) -> dict:
+  """:func:`slim_and_evaluate` of the final model (supp Γ or the fixed masks)."""
+  config = run.config
+  sample = next(run.eval_ds.eval_batches(config.eval_batch_size, process_index=run.pid,
+                                         process_count=run.pcount))["image"]
+  return slim_and_evaluate(
+      run.model, state, slbi.support(state.opt_state) if run.is_slbi else masks, sample,
+      lambda m, v: _evaluate(run, v["params"], v.get("batch_stats", {}),
+                             jax.jit(make_eval_step(m, run.has_bn))), result, run.say)
+
+
 def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
                        verbose: bool = True) -> dict:
   """Trains ``config``; returns the last epoch's metrics plus ``history``.
@@ -343,202 +658,28 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, *,
     "history": [...]}`` (sparse entries only for SplitLBI or masked runs).
   """
   say = print if verbose and jax.process_index() == 0 else (lambda *a, **k: None)
-  if workdir:
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1)
-
-  # --- devices: one "data" axis over all (or num_devices) devices
-  mesh = distributed.data_mesh(config.num_devices)
-  n_dev = mesh.size
-  data_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
-  for what, bs in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
-    if bs % n_dev:
-      raise ValueError(f"{what}={bs} must be divisible by the {n_dev} devices.")
-  pid, pcount = jax.process_index(), jax.process_count()
-
-  # --- data
-  train_ds, eval_ds, info = input_pipeline.create_datasets(
-      config.dataset, data_dir=config.data_dir and os.path.expanduser(config.data_dir),
-      image_size=config.image_size, seed=config.seed, augment=config.augment,
-      train_examples=config.train_examples)
-  steps_per_epoch = train_ds.steps_per_epoch(config.batch_size)
-  if config.max_steps_per_epoch:
-    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size={config.batch_size} exceeds the {info.num_train} "
-                     "training examples.")
-
-  # --- model and optimizer
-  model = models.get_model(config.model, info.num_classes, **dict(config.model_kwargs))
-  if config.retrain_slim:
-    model = slim_architecture(config, model, info.image_shape)
-  tx = make_optimizer(config, steps_per_epoch)
-  schedule = make_schedule(config, steps_per_epoch)
-  is_slbi = config.optimizer == "splitlbi"
-
-  def init(rng):
-    variables = model.init(rng, jnp.zeros((1, *info.image_shape), jnp.float32), train=False)
-    params = variables["params"]
-    stats = variables.get("batch_stats", {})
-    return TrainState(params, stats, tx.init(params))
-
-  # rbg: XLA:CPU compiles threefry samplers slowly (ResNet init 16 s → 2 s).
-  rng = jax.random.key(config.seed, impl=config.prng_impl)
-  shardings = distributed.tree_shardings(jax.eval_shape(init, rng), mesh, config.param_sharding)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  # A state from given params: b, V, Γ laid out like them (also across hosts).
-  state_from = jax.jit(lambda p, s: TrainState(p, s, tx.init(p)), out_shardings=shardings)
-  has_bn = bool(jax.tree.leaves(state.batch_stats))
-  if config.init_from:
-    params, stats = load_snapshot(os.path.expanduser(config.init_from), state.params,
-                                  state.batch_stats)
-    state = state_from(params, stats)
-  masks = None
-  if config.mask_from and not config.retrain_slim:
-    masks = jax.device_put(load_masks(os.path.expanduser(config.mask_from), state.params),
-                           replicated)
-    masked = jax.tree.map(lambda x, m: x if m is None else x * m.astype(x.dtype),
-                          state.params, masks, is_leaf=lambda x: x is None)
-    state = state_from(masked, state.batch_stats)
-
-  train_step = jax.jit(make_train_step(model, tx, has_bn), donate_argnums=(0,),
-                       out_shardings=(shardings, replicated))
-  eval_step = jax.jit(make_eval_step(model, has_bn), out_shardings=replicated)
-  sparse_fn = jax.jit(slbi.sparse_params, out_shardings=shardings.params)
-
-  # --- resume
-  start_epoch = 0
+  workdir = _prepare_workdir(config, workdir)
+  run = _setup(config, workdir, say)
+  state, masks = _initial_state(run)
   ckpt = _checkpoint_manager(workdir, config) if workdir else None
-  if ckpt is not None and ckpt.latest_step() is not None:
-    import orbax.checkpoint as ocp
-    start_epoch = int(ckpt.latest_step())
-    abstract = jax.tree.map(  # this run's layout, whatever the writer's was
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored = ckpt.restore(start_epoch, args=ocp.args.StandardRestore(abstract))
-    state = TrainState(*restored)
-    say(f"Resumed from {workdir}/checkpoints at epoch {start_epoch}.")
+  state, start_epoch = _resume(run, ckpt, state)
   logger = _Logger(workdir, start_epoch)
-  norms_path = os.path.join(workdir, "norms.npz") if workdir else None
-  norm_rows: dict[str, list] = {}
-  if norms_path and os.path.exists(norms_path) and start_epoch > 0:
-    with np.load(norms_path) as f:
-      norm_rows = {k: list(v[:start_epoch + 1]) for k, v in f.items()}
-
-  def to_global(batch):
-    return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
-
-  def evaluate(params, batch_stats, step=eval_step):
-    tot = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for batch in eval_ds.eval_batches(config.eval_batch_size, process_index=pid,
-                                      process_count=pcount, max_examples=config.eval_examples):
-      out = jax.device_get(step(params, batch_stats, to_global(batch)))
-      tot = {k: tot[k] + float(out[k]) for k in tot}
-    return tot["correct"] / tot["count"], tot["loss"] / tot["count"]
-
-  def snapshot(epoch):  # every process gathers, process 0 writes
-    if not workdir:
-      return
-    if epoch in config.save_params_at:
-      params, stats = distributed.fetch((state.params, state.batch_stats))
-      flat = {f"params/{k}": v for k, v in _flat(params).items()}
-      flat.update({f"batch_stats/{k}": v for k, v in _flat(stats).items()})
-      if pid == 0:
-        save_npz(os.path.join(workdir, "snapshots", f"epoch_{epoch:04d}.npz"), flat)
-    if epoch in config.save_masks_at and is_slbi:
-      sup = {k: v for k, v in _flat(distributed.fetch(slbi.support(state.opt_state))).items()
-             if v is not None}
-      if pid == 0:
-        save_npz(os.path.join(workdir, "masks", f"epoch_{epoch:04d}.npz"), sup)
-
-  def record_norms(epoch):
-    if not (is_slbi and config.record_norms):
-      return
-    for k, v in filter_norms(*distributed.fetch((state.opt_state, state.params))).items():
-      norm_rows.setdefault(k, []).append(v)
-    if norms_path and pid == 0:
-      save_npz(norms_path, {k: np.stack(v) for k, v in norm_rows.items()})
-
+  norm_rows = _load_norm_rows(run, start_epoch)
   if start_epoch == 0:
-    snapshot(0)
-    record_norms(0)
-
-  say(f"{config.name}: {config.description}\n  model {config.model} on {info.name} "
-      f"({info.num_train} train / {info.num_eval} test, {info.image_shape}), optimizer "
-      f"{config.optimizer}, {config.epochs} epochs × {steps_per_epoch} steps, batch "
-      f"{config.batch_size} on {n_dev} device(s)")
+    _snapshot(run, state, 0)
+    _record_norms(run, state, norm_rows)
+  _say_header(run)
   result: dict = {}
   for epoch in range(start_epoch + 1, config.epochs + 1):
-    t0 = time.time()
-    batches = train_ds.train_batches(config.batch_size, epoch, max_steps=steps_per_epoch,
-                                     process_index=pid, process_count=pcount)
-    bar = None
-    if config.progress and _is_tty():
-      from tqdm import tqdm
-      bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False)
-    sums = None
-    for batch in batches:
-      state, m = train_step(state, to_global(batch), masks)
-      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-      if bar is not None:
-        bar.update()
-    if bar is not None:
-      bar.close()
-    train_metrics = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
-    acc, loss = evaluate(state.params, state.batch_stats)
-    row = {"epoch": epoch, "lr": float(schedule(epoch * steps_per_epoch - 1)),
-           "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
-           "test_loss": loss, "test_accuracy": acc}
-    report = None
-    if is_slbi:
-      sparse = sparse_fn(state.params, state.opt_state)
-      row["sparse_test_accuracy"], row["sparse_test_loss"] = evaluate(sparse, state.batch_stats)
-      report = sparsity_report(*distributed.fetch((state.opt_state, state.params)))
-    elif masks is not None:
-      report = mask_sparsity_report({k: np.asarray(v) for k, v in
-                                     _flat(jax.device_get(masks)).items() if v is not None})
-    if report is not None:
-      row["weight_density"] = report["total"]["weight_density"]
-      row["group_density"] = report["total"]["group_density"]
-      row["layer_density"] = {k: v["weight_density"] for k, v in report["layers"].items()}
-    row["epoch_time_s"] = time.time() - t0
-    logger.log(row)
-    record_norms(epoch)
-    snapshot(epoch)
-    if ckpt is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
-      import orbax.checkpoint as ocp
-      ckpt.save(epoch, args=ocp.args.StandardSave(state))
-      ckpt.wait_until_finished()
-    line = (f"epoch {epoch:3d}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_accuracy']:.2%}  test acc {acc:.2%}")
-    if "sparse_test_accuracy" in row:
-      line += (f"  sparse acc {row['sparse_test_accuracy']:.2%}  weights kept "
-               f"{row['weight_density']:.1%}  groups kept {row['group_density']:.1%}")
-    say(line + f"  ({row['epoch_time_s']:.1f}s)")
-    result = dict(row, sparsity=report)
+    state, result = _run_epoch(run, state, masks, epoch, logger, norm_rows, ckpt)
   if ckpt is not None:
     ckpt.close()
   if not result and logger.rows:  # already trained: report the logged last epoch
     result = dict(logger.rows[-1], sparsity=None)
   result["history"] = list(logger.rows)
-  if verbose and result.get("sparsity") is not None:
-    say(f"\nFinal ({config.name}): dense W test accuracy {result['test_accuracy']:.2%}"
-        + (f", sparse W on supp Γ {result['sparse_test_accuracy']:.2%}"
-           if "sparse_test_accuracy" in result else ""))
-    say("Per-layer sparsity (nonzero / total):")
-    say(format_report(result["sparsity"]))
-  elif verbose and "test_accuracy" in result:
-    say(f"\nFinal ({config.name}): test accuracy {result['test_accuracy']:.2%}")
-  if config.slim and (is_slbi or masks is not None) and "test_accuracy" in result:
-    sample = next(eval_ds.eval_batches(config.eval_batch_size, process_index=pid,
-                                       process_count=pcount))["image"]
-    result["slim"] = slim_and_evaluate(
-        model, state, slbi.support(state.opt_state) if is_slbi else masks, sample,
-        lambda m, v: evaluate(v["params"], v.get("batch_stats", {}),
-                              jax.jit(make_eval_step(m, has_bn))), result, say)
+  _say_final(run, result, verbose)
+  if config.slim and (run.is_slbi or masks is not None) and "test_accuracy" in result:
+    result["slim"] = _slim(run, state, masks, result)
   result["state"] = state
   return result
 
