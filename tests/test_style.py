@@ -1,6 +1,7 @@
 """House rules of the package, checked on its source.
 
-- No function longer than 60 lines of code (its docstring not counted).
+- No function longer than 60 lines of code (its docstring not counted), in the
+  package and in ``examples/`` and ``benchmarks/``.
 - XLA:CPU workarounds only in ``_xla_cpu.py``: no other module reads
   ``os.environ`` / ``XLA_FLAGS`` or calls ``platform_dependent``.
 - The public API is ``__all__``, every name in it documented.
@@ -14,7 +15,9 @@ import pytest
 import optax_splitlbi as sl
 
 PACKAGE = pathlib.Path(sl.__file__).parent
+ROOT = PACKAGE.parent
 SOURCES = sorted(PACKAGE.rglob("*.py"))
+ALL_SOURCES = SOURCES + sorted(p for d in ("examples", "benchmarks") for p in (ROOT / d).rglob("*.py"))
 MAX_LINES = 60
 
 
@@ -28,7 +31,7 @@ def _code_lines(fn: ast.FunctionDef) -> int:
   return fn.end_lineno - start + 1
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", ALL_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_functions_are_short(path):
   tree = ast.parse(path.read_text(encoding="utf-8"))
   long = {node.name: _code_lines(node) for node in ast.walk(tree)
