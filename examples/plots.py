@@ -28,6 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -236,7 +237,10 @@ def plot_accuracy_vs_density(panels: dict[str, dict[str, tuple[np.ndarray, np.nd
     if reference is not None:
       ax.axhline(100 * reference, color="0.4", ls="--", lw=0.8, label="unpruned")
     if all(np.all(np.asarray(d) > 0) for d, _ in series.values()):
-      ax.set_xscale("log")
+      ax.set_xscale("log")  # plain numbers at 1, 2, 5 × 10^k, no minor labels
+      ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+      ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("weights kept (%)", fontsize=8)
     ax.set_ylabel("test accuracy after retraining (%)", fontsize=8)
     ax.set_title(title, fontsize=9)
