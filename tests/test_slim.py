@@ -306,3 +306,40 @@ def test_slim_linen_needs_a_resized_method():
   variables = model.init(jax.random.key(0), x)
   with pytest.raises(TypeError, match="Dense has no resized"):
     sl.slim_linen(model, variables, {"kernel": np.ones((4, 3), bool), "bias": None}, x)
+
+
+@pytest.mark.parametrize("round_to, width", [(1, 3), (2, 4), (4, 4), (8, 8)])
+def test_round_to_keeps_a_multiple_of_channels_exactly(round_to, width):
+  rng = np.random.default_rng(7)
+  v = _vars(rng, c1=(1, 1, 2, 8), c2=(1, 1, 8, 3))   # 1×1 convs: every fold is exact
+  keep = [1, 0, 0, 1, 0, 1, 0, 0]                     # 3 of 8 filters
+  masks = {"c1": {"kernel": _filters(keep, (1, 1, 2, 8)), "bias": None},
+           "c2": {"kernel": None, "bias": None}}
+  x = rng.normal(size=(3, 4, 4, 2)).astype(np.float32)
+  apply = two_convs("SAME")
+
+  res = sl.slim(apply, v, masks, x, round_to=round_to, count_flops=False)
+
+  assert res.variables["c1"]["kernel"].shape == (1, 1, 2, width)
+  assert res.variables["c2"]["kernel"].shape == (1, 1, width, 3)
+  # kept back: the lowest-index pruned filters (1, 2, 4, ...), with zero weights
+  kept = sorted([0, 3, 5] + [1, 2, 4, 6, 7][:width - 3])
+  if width < 8:
+    np.testing.assert_array_equal(res.kept["c1"]["kernel"][-1], kept)
+  else:
+    assert res.kept["c1"]["kernel"][-1] is None  # all kept
+  np.testing.assert_allclose(res.apply_fn(res.variables, x), apply(_masked(v, masks), x),
+                             rtol=1e-5, atol=1e-5)
+  rep = res.report["layers"]["c1/kernel"]
+  assert rep["kept_pruned"] == width - 3
+  if width > 3:
+    assert rep["kept_because"] == {
+        f"the width is rounded up to a multiple of {round_to} (round_to)": width - 3}
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.0, True])
+def test_round_to_must_be_a_positive_int(bad):
+  rng = np.random.default_rng(0)
+  v, masks, x = _setup_two_convs(rng)
+  with pytest.raises(ValueError, match="round_to"):
+    sl.slim(two_convs("VALID"), v, masks, x, round_to=bad)

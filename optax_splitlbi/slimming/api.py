@@ -215,20 +215,26 @@ def _make_apply(prog: Program, cls: plan_lib.Classes, keep: dict, consts: dict,
   return jax.jit(apply)
 
 
-def _decide(cls, masks, names, forced):
+def _decide(cls, masks, names, forced, rounded: dict, round_to: int):
+  """Removable channels (``rounded`` receives those kept for ``round_to``) and kept indices."""
   removed = plan_lib.removable(cls, masks, forced)
   _check_removal(cls, removed, names)
+  rounded.clear()
+  for r, idx in plan_lib.round_up(removed, round_to).items():
+    removed[r][sorted(idx)] = False
+    rounded[r] = idx
   return removed, plan_lib.keep_indices(cls, removed)
 
 
-def _plan(prog, cls, masks, masked, x_leaves, batch, names, inexact):
+def _plan(prog, cls, masks, masked, x_leaves, batch, names, inexact, rounded, round_to):
   """Decides the kept channels and folds the removed ones (see ``slim``).
 
   Returns:
     ``(keep, folded leaves, folds, forced keeps, masked outputs)``.
   """
   forced: dict = {}
-  removed, keep = _decide(cls, masks, names, forced)
+  decide = lambda: _decide(cls, masks, names, forced, rounded, round_to)  # noqa: E731
+  removed, keep = decide()
   todo, fn = fold_lib.contribution_fn(prog, cls.graph, cls, keep)
   dense_out, env, first = record(prog, masked, x_leaves, fold_lib.needed_values(prog, cls.graph),
                                  extra=fn, shape_of=_shapes_at_batch(prog, cls, batch, x_leaves))
@@ -241,7 +247,7 @@ def _plan(prog, cls, masks, masked, x_leaves, batch, names, inexact):
       return keep, leaves, folds, forced, dense_out
     for r, i in new:
       forced.setdefault(r, set()).add(i)
-    removed, keep = _decide(cls, masks, names, forced)
+    removed, keep = decide()
     contribs = fold_lib.contributions(prog, cls.graph, cls, keep, env)
 
 
@@ -270,7 +276,8 @@ def max_diff(a_leaves, b_leaves) -> float:
 
 
 def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample_input: Any,
-         *, inexact: str = "fold", count_flops: bool = True, verify: bool = True) -> SlimModel:
+         *, inexact: str = "fold", count_flops: bool = True, verify: bool = True,
+         round_to: int = 1) -> SlimModel:
   """Removes the pruned channels of a network: a smaller network, same outputs.
 
   The forward pass ``apply_fn(variables, sample_input)`` is traced to a jaxpr;
@@ -302,6 +309,10 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
       (at the batch size of ``sample_input``).
     verify: run the slim network on (up to 4 examples of) ``sample_input`` and
       report its largest difference from the masked model (``max_abs_diff``).
+    round_to: keep a multiple of this many channels in every class that loses
+      some (pruned channels are kept back, lowest index first; still exact).
+      Accelerators and XLA:CPU run odd channel counts slowly: 8 is a good value
+      for GPUs (benchmarks/RESULTS.md).
 
   Returns:
     A :class:`SlimModel`.
@@ -313,6 +324,8 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
   """
   if inexact not in _POLICIES:
     raise ValueError(f"inexact must be one of {_POLICIES}, got {inexact!r}.")
+  if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+    raise ValueError(f"slim: round_to must be a positive int, got {round_to!r}.")
   leaves, treedef = jax.tree.flatten(variables)
   leaf_names = leaf_paths(variables)
   masks_ = leaf_masks(variables, masks)
@@ -324,14 +337,16 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
   batch = _batch_roots(prog, cls)
   fixed = _batch_fixed_reason(prog, cls, batch)
   probe = sub_batch(sample_input, fixed is None)
+  rounded: dict = {}
   keep, folded, folds, forced, dense_out = _plan(
-      prog, cls, masks_, masked, jax.tree.leaves(probe), batch, leaf_names, inexact)
+      prog, cls, masks_, masked, jax.tree.leaves(probe), batch, leaf_names, inexact, rounded,
+      round_to)
   cut = [_slice(x, cls.graph.dims[v], cls, keep) for v, x in zip(prog.variables, folded)]
   consts = {v: _slice(c, cls.graph.dims[v], cls, keep)[0] for v, c in prog.consts.items()}
   slim_vars = treedef.unflatten(jax.device_put([x for x, _ in cut]))
   slim_apply = _make_apply(prog, cls, keep, consts, batch, fixed)
   report = dict(
-      layers=report_lib.layer_report(cls, masks_, keep, forced, leaf_names,
+      layers=report_lib.layer_report(cls, masks_, keep, (forced, rounded, round_to), leaf_names,
                                      ([np.shape(x) for x in leaves], [x.shape for x, _ in cut])),
       folds=report_lib.fold_report(folds, leaf_names),
       params=dict(dense=report_lib.count(report_lib.params_of(variables)),

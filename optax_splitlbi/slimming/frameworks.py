@@ -21,7 +21,8 @@ def _check_same_outputs(expected, got, what: str) -> None:
 
 
 def slim_linen(model, variables: Any, masks: Any, sample_input: Any, *, inexact: str = "fold",
-               count_flops: bool = True, verify: bool = True, **apply_kwargs) -> SlimModel:
+               count_flops: bool = True, verify: bool = True, round_to: int = 1,
+               **apply_kwargs) -> SlimModel:
   """:func:`slim` for a Linen module; also rebuilds the module at the slim widths.
 
   The module must define ``resized(self, shapes) -> nn.Module``: given the slim
@@ -35,7 +36,7 @@ def slim_linen(model, variables: Any, masks: Any, sample_input: Any, *, inexact:
     variables: ``model.init(...)``-style variables (``params``, ``batch_stats``).
     masks: see :func:`slim` (params-structured).
     sample_input: an input batch.
-    inexact, count_flops: see :func:`slim`.
+    inexact, count_flops, round_to: see :func:`slim`.
     verify: as in :func:`slim`, and check the rebuilt module's outputs.
     **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
 
@@ -46,7 +47,7 @@ def slim_linen(model, variables: Any, masks: Any, sample_input: Any, *, inexact:
     raise TypeError(f"slim_linen: {type(model).__name__} has no resized(shapes) method; add "
                     "one (docs/slimming.md) or use slim(), whose apply_fn runs any model.")
   res = slim(lambda v, x: model.apply(v, x, **apply_kwargs), variables, masks, sample_input,
-             inexact=inexact, count_flops=count_flops, verify=verify)
+             inexact=inexact, count_flops=count_flops, verify=verify, round_to=round_to)
   new = model.resized(jax.tree.map(np.shape, res.variables["params"]))
   init = jax.eval_shape(lambda: new.init(jax.random.key(0), sample_input, **apply_kwargs))
   want = {k: jax.tree.map(np.shape, v) for k, v in res.variables.items()}
@@ -95,7 +96,7 @@ def _nnx_features(module) -> None:
 
 
 def slim_nnx(model, masks: Any, sample_input: Any, *, inexact: str = "fold",
-             count_flops: bool = True, verify: bool = True) -> SlimModel:
+             count_flops: bool = True, verify: bool = True, round_to: int = 1) -> SlimModel:
   """:func:`slim` for a Flax NNX module: a new module with the slim arrays.
 
   Every ``nnx.Variable`` (params, BatchNorm statistics, ...) is cut to the
@@ -110,7 +111,7 @@ def slim_nnx(model, masks: Any, sample_input: Any, *, inexact: str = "fold",
     masks: masks with the structure of ``nnx.state(model, nnx.Param)`` (e.g.
       ``support(optimizer.opt_state)``), see :func:`slim`.
     sample_input: an input batch.
-    inexact, count_flops: see :func:`slim`.
+    inexact, count_flops, round_to: see :func:`slim`.
     verify: as in :func:`slim`, and check the new module's outputs.
 
   Returns:
@@ -124,7 +125,7 @@ def slim_nnx(model, masks: Any, sample_input: Any, *, inexact: str = "fold",
     return nnx.merge(graphdef, v["params"], v["rest"])(x)
 
   res = slim(apply_fn, {"params": params, "rest": rest}, masks, sample_input,
-             inexact=inexact, count_flops=count_flops, verify=verify)
+             inexact=inexact, count_flops=count_flops, verify=verify, round_to=round_to)
   new = nnx.merge(graphdef, res.variables["params"], res.variables["rest"])
   for _, module in nnx.iter_modules(new):
     _nnx_features(module)

@@ -189,6 +189,22 @@ def removable(cls: Classes, masks: dict, forced_keep: dict) -> dict:
   return out
 
 
+def round_up(removed: dict, round_to: int) -> dict:
+  """root → removable indices to keep so that each class that loses channels keeps a
+  multiple of ``round_to`` of them (at most all): the lowest-index ones.
+
+  Kept channels that the masks prune compute what they compute in the masked
+  model (zero weights, a constant), so rounding keeps the slim network exact.
+  """
+  out = {}
+  for r, rm in removed.items():
+    kept = rm.size - int(rm.sum())
+    extra = min(rm.size, -(-kept // round_to) * round_to) - kept
+    if rm.any() and extra > 0:
+      out[r] = set(int(i) for i in np.flatnonzero(rm)[:extra])
+  return out
+
+
 def keep_indices(cls: Classes, removed: dict) -> dict:
   """root → sorted kept indices, for the atomic classes and every composite."""
   keep: dict = {r: np.flatnonzero(~rm) for r, rm in removed.items()}

@@ -33,14 +33,20 @@ def _indices_above(cls: Classes, r: int, i: int) -> dict[int, np.ndarray]:
   return out
 
 
-def _why_kept(cls: Classes, masks: dict, forced: dict, names: list, r: int, i: int) -> list:
-  """Reasons atomic channel (r, i) stays although some layer pruned it."""
+def _why_kept(cls: Classes, masks: dict, kept_back: tuple, names: list, r: int, i: int) -> list:
+  """Reasons atomic channel (r, i) stays although some layer pruned it.
+
+  ``kept_back``: (forced by the fold policy, kept for rounding, round_to).
+  """
+  forced, rounded, round_to = kept_back
   locks = locks_of(cls, r)
   if locks:
     return sorted({text for _, text in locks})[:2]
   if i in forced.get(r, ()):
     return ["its constant value reaches a consumer that cannot absorb it exactly "
             "(inexact='keep')"]
+  if i in rounded.get(r, ()):
+    return [f"the width is rounded up to a multiple of {round_to} (round_to)"]
   keepers = set()
   for c, idx in _indices_above(cls, r, i).items():
     for s in cls.producers.get(c, ()):
@@ -50,7 +56,7 @@ def _why_kept(cls: Classes, masks: dict, forced: dict, names: list, r: int, i: i
   return sorted(keepers) or ["its consumers read it"]
 
 
-def layer_report(cls: Classes, masks: dict, keep: dict, forced: dict, names: list,
+def layer_report(cls: Classes, masks: dict, keep: dict, kept_back: tuple, names: list,
                  shapes: tuple[list, list]) -> dict:
   """Per kernel leaf: groups before / after and why pruned groups were kept."""
   by_leaf = collections.defaultdict(list)
@@ -68,7 +74,7 @@ def layer_report(cls: Classes, masks: dict, keep: dict, forced: dict, names: lis
       reasons: collections.Counter = collections.Counter()
       for i in np.flatnonzero(pruned & kept):
         for ar, ai in atomic_indices(cls, r, int(i)):
-          for why in _why_kept(cls, masks, forced, names, ar, ai):
+          for why in _why_kept(cls, masks, kept_back, names, ar, ai):
             reasons[why] += 1
       key = names[leaf] if len(items) == 1 else f"{names[leaf]}[axis {s.axis}]"
       layers[key] = dict(
