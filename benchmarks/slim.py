@@ -41,6 +41,7 @@ MASKS_PATH = os.path.join(HERE, "slim_masks.npz")
 FASHION = "/usr/share/datasets/fashion-mnist"
 NETS = ("vgg16", "resnet56")
 FAMILIES = ("early", "supp", "p50", "p25")
+ROUNDED = ("early_r8", "p50_r8", "p25_r8")  # the same masks with slim(..., round_to=8)
 SWEEP = ((32, (64, 32, 16, 8, 4)), (16, (256, 128, 64, 32)), (2, (512, 256, 64)))  # (H = W, C)
 CONV_LAM = 0.05  # ResNet-56: the paper's Table 10; VGG-16: the official script (paper: 0.1)
 BATCH = 256
@@ -181,12 +182,14 @@ def measure(net: str, rounds: int, masks_path: str = MASKS_PATH) -> dict:
   apply = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
   groups = sl.coupled_channels(apply, variables, x[:2])
   coupled = any(len(g) > 1 for g in groups)
-  families = FAMILIES + (("p50c", "p25c") if coupled else ())
+  families = FAMILIES + (("p50c", "p25c") if coupled else ()) + ROUNDED
   for family in families:
-    masks = load_masks(net, family.rstrip("c"), variables["params"], masks_path)
-    if family.endswith("c"):
+    base = family.removesuffix("_r8")
+    masks = load_masks(net, base.rstrip("c"), variables["params"], masks_path)
+    if base.endswith("c"):
       masks = couple(masks, groups, int(family[1:3]) / 100)
-    res = sl.slim_linen(model, variables, masks, x, train=False)
+    res = sl.slim_linen(model, variables, masks, x, train=False,
+                        round_to=8 if family.endswith("_r8") else 1)
     kept, total = _filters(masks)
     r = res.report
     out[family] = dict(filter_density=kept / total, params_dense=r["params"]["dense"],
@@ -299,12 +302,15 @@ def render(res: dict) -> list[str]:
        f"CPU, batch {res['batch']}, the jitted dense and slim modules interleaved round-robin "
        f"(medians, IQR). Load average {res['loadavg_start'][0]:.1f} at the start, "
        f"{res['loadavg_end'][0]:.1f} at the end (2 cores). *kept by coupling*: pruned filters "
-       "that stay because a coupled layer (a residual stage) keeps the channel.\n",
+       "that stay because a coupled layer (a residual stage) keeps the channel (in the "
+       "`round_to=8` rows also those kept back to round the widths up to multiples of 8).\n",
        "| net | mask | filters kept | kept by coupling | params dense → slim | GFLOPs dense → "
        "slim | FLOP ÷ | bytes ÷ | latency ms dense → slim (IQR) | speed-up | ≥ 0.8 × FLOP ÷ |",
        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   names = {"early": "supp Γ at step {step}", "supp": "supp Γ at step {end}", "p50": "50 % / layer", "p25": "25 % / layer",
-           "p50c": "50 % / coupled group", "p25c": "25 % / coupled group"}
+           "p50c": "50 % / coupled group", "p25c": "25 % / coupled group",
+           "early_r8": "supp Γ at step {step}, round_to=8", "p50_r8": "50 % / layer, round_to=8",
+           "p25_r8": "25 % / layer, round_to=8"}
   for net in NETS:
     r, lat = res[net], res[net]["latency"]
     for fam, label in names.items():
