@@ -215,26 +215,26 @@ def _make_apply(prog: Program, cls: plan_lib.Classes, keep: dict, consts: dict,
   return jax.jit(apply)
 
 
-def _decide(cls, masks, names, forced, rounded: dict, round_to: int):
-  """Removable channels (``rounded`` receives those kept for ``round_to``) and kept indices."""
+def _decide(cls, masks, names, forced, round_to: int):
+  """Removable channels, kept indices, and the channels kept back for ``round_to``."""
   removed = plan_lib.removable(cls, masks, forced)
   _check_removal(cls, removed, names)
-  rounded.clear()
-  for r, idx in plan_lib.round_up(removed, round_to).items():
+  rounded = plan_lib.round_up(removed, round_to)
+  for r, idx in rounded.items():
     removed[r][sorted(idx)] = False
-    rounded[r] = idx
-  return removed, plan_lib.keep_indices(cls, removed)
+  return removed, plan_lib.keep_indices(cls, removed), rounded
 
 
-def _plan(prog, cls, masks, masked, x_leaves, batch, names, inexact, rounded, round_to):
+def _plan(prog, cls, masks, masked, x_leaves, batch, names, inexact, round_to):
   """Decides the kept channels and folds the removed ones (see ``slim``).
 
   Returns:
-    ``(keep, folded leaves, folds, forced keeps, masked outputs)``.
+    ``(keep, folded leaves, folds, (forced keeps, rounding keeps, round_to),
+    masked outputs)``.
   """
   forced: dict = {}
-  decide = lambda: _decide(cls, masks, names, forced, rounded, round_to)  # noqa: E731
-  removed, keep = decide()
+  decide = lambda: _decide(cls, masks, names, forced, round_to)  # noqa: E731
+  removed, keep, rounded = decide()
   todo, fn = fold_lib.contribution_fn(prog, cls.graph, cls, keep)
   dense_out, env, first = record(prog, masked, x_leaves, fold_lib.needed_values(prog, cls.graph),
                                  extra=fn, shape_of=_shapes_at_batch(prog, cls, batch, x_leaves))
@@ -244,10 +244,10 @@ def _plan(prog, cls, masks, masked, x_leaves, batch, names, inexact, rounded, ro
         prog, cls.graph, cls, contribs, env, masked, batch, keep)
     new = {(r, i) for r, i in contributing if r in removed and removed[r][i]}
     if inexact == "fold" or not new:
-      return keep, leaves, folds, forced, dense_out
+      return keep, leaves, folds, (forced, rounded, round_to), dense_out
     for r, i in new:
       forced.setdefault(r, set()).add(i)
-    removed, keep = decide()
+    removed, keep, rounded = decide()
     contribs = fold_lib.contributions(prog, cls.graph, cls, keep, env)
 
 
@@ -337,16 +337,14 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
   batch = _batch_roots(prog, cls)
   fixed = _batch_fixed_reason(prog, cls, batch)
   probe = sub_batch(sample_input, fixed is None)
-  rounded: dict = {}
-  keep, folded, folds, forced, dense_out = _plan(
-      prog, cls, masks_, masked, jax.tree.leaves(probe), batch, leaf_names, inexact, rounded,
-      round_to)
+  keep, folded, folds, kept_back, dense_out = _plan(
+      prog, cls, masks_, masked, jax.tree.leaves(probe), batch, leaf_names, inexact, round_to)
   cut = [_slice(x, cls.graph.dims[v], cls, keep) for v, x in zip(prog.variables, folded)]
   consts = {v: _slice(c, cls.graph.dims[v], cls, keep)[0] for v, c in prog.consts.items()}
   slim_vars = treedef.unflatten(jax.device_put([x for x, _ in cut]))
   slim_apply = _make_apply(prog, cls, keep, consts, batch, fixed)
   report = dict(
-      layers=report_lib.layer_report(cls, masks_, keep, (forced, rounded, round_to), leaf_names,
+      layers=report_lib.layer_report(cls, masks_, keep, kept_back, leaf_names,
                                      ([np.shape(x) for x in leaves], [x.shape for x, _ in cut])),
       folds=report_lib.fold_report(folds, leaf_names),
       params=dict(dense=report_lib.count(report_lib.params_of(variables)),
