@@ -88,9 +88,13 @@ def update_inputs(updates: Any, state: Any, params: Any) -> None:
 def same_layout(resolved: list, layouts: list, params: Any) -> None:
   """The penalty resolves to the group layout the state was made with."""
   for path, r, pe in zip(_paths(params), resolved, layouts):
-    now = None if r is None else (r.layout.kind, r.layout.reduce_axes)
-    then = None if pe is None else (pe.kind, pe.reduce_axes)
+    now = None if r is None else _layout_key(r.layout)
+    then = None if pe is None else _layout_key(pe)
     if now != then:
       raise ValueError(f"splitlbi: leaf {path!r}: the state was made with penalty layout "
-                       f"{then} (kind, reduced axes) but the penalty now gives {now}; "
-                       "call init again or use the same penalty.")
+                       f"{then} (kind, reduced axes, class, norm-only classes) but the "
+                       f"penalty now gives {now}; call init again or use the same penalty.")
+
+
+def _layout_key(pe) -> tuple:
+  return (pe.kind, pe.reduce_axes, pe.shared, pe.norm_of)

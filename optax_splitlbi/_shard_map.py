@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from optax_splitlbi.penalties import LeafPenalty, path_str
+from optax_splitlbi.penalties import LeafPenalty, member_axis, path_str
 
 
 def _is_spec(x: Any) -> bool:
@@ -47,6 +47,7 @@ def group_split_axes(param_specs: Any, params: Any, layouts: list) -> list[tuple
   with_path = jax.tree_util.tree_flatten_with_path(params)[0]
   out = []
   for (path, w), spec, pe in zip(with_path, specs, layouts):
+    _check_cross_leaf(path_str(path), spec, pe)
     names = _mesh_axes(spec, pe)
     if names:
       try:
@@ -56,10 +57,27 @@ def group_split_axes(param_specs: Any, params: Any, layouts: list) -> list[tuple
                          f"mesh axes {names}, but update is not inside jax.shard_map over "
                          "them; under jax.jit leave param_specs=None.") from None
       local = math.prod(w.shape[a] for a in pe.reduce_axes)
-      if local * split != pe.group_size:
+      if pe.shared is None and local * split != pe.group_size:
         raise ValueError(f"splitlbi: {path_str(path)}: a local group has {local} entries, "
                          f"split {split} ways, but the state's group size is "
                          f"{pe.group_size}; call init on the global params and pass their "
                          "specs.")
     out.append(tuple(names))
   return out
+
+
+def _check_cross_leaf(name: str, spec: Any, pe: LeafPenalty) -> None:
+  """Inside shard_map a cross-leaf class's members may split only their reduced axes:
+  the class's vector of group norms is summed over leaves and must not be split."""
+  if pe is None or spec is None:
+    return
+  split = [a for a in range(len(spec)) if spec[a] is not None]
+  if pe.shared is not None and member_axis(pe) in split:
+    raise ValueError(f"splitlbi: param_specs splits {name} along axis {member_axis(pe)}, "
+                     f"which indexes the groups of class {pe.shared!r}; inside shard_map "
+                     "only the other axes of a class member may be split (under jax.jit "
+                     "any sharding works).")
+  if pe.norm_of and split:
+    raise ValueError(f"splitlbi: param_specs splits {name}, whose slices enter the norms "
+                     f"of {[c for c, _ in pe.norm_of]}; inside shard_map such a leaf must "
+                     "not be split (under jax.jit any sharding works).")

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from optax_splitlbi.prox import LeafProx, group_scales
+from optax_splitlbi.prox import LeafProx
 
 MULTI_OUTPUT_FUSION_OPTION = "xla_cpu_use_multi_output_fusion"
 FORMS = ("auto", "buffered", "fused", "equations")
@@ -82,9 +82,7 @@ def _norms_outside(gamma_of: Optional[LeafProx], v: jax.Array) -> Any:
   update 12 % slower)."""
   if gamma_of is None or gamma_of.elementwise:
     return gamma_of
-  pe = gamma_of.penalty
-  scales = group_scales(v, pe.reduce_axes, gamma_of.threshold, gamma_of.axis_name)
-  return _GroupGamma(gamma_of.scale * scales)
+  return _GroupGamma(gamma_of.scale * gamma_of.factors(v))
 
 
 def buffered_leaf_step(step_fn: Callable[..., Any], g, w, b, v, gam, prox_v: LeafProx,
@@ -128,11 +126,9 @@ def _gamma_times(c, v, gam, gamma_of: Optional[LeafProx], spelling: int):
   """
   if gam is not None:
     return c * gam
-  pe, t = gamma_of.penalty, gamma_of.threshold
-  if pe.kind == "lasso":
-    return (c * gamma_of.scale) * _SOFT_THRESHOLDS[spelling](v, t)
-  scales = group_scales(v, pe.reduce_axes, t, gamma_of.axis_name)
-  return (c * gamma_of.scale * scales) * v
+  if gamma_of.elementwise:
+    return (c * gamma_of.scale) * _SOFT_THRESHOLDS[spelling](v, gamma_of.threshold)
+  return (c * gamma_of.scale * gamma_of.factors(v)) * v
 
 
 def fused_penalized_leaf_step(g, w, b, v, gam, prox_v: LeafProx, gamma_of: Optional[LeafProx],

@@ -8,10 +8,16 @@ one (e.g. the state of ``optax.chain(..., splitlbi(...))`` or of
 Layouts: a *full* mask has the parameter's shape; a *keepdims* (per-group)
 array has size-1 dims at a group penalty's ``reduce_axes`` and the full shape
 for lasso leaves (one "group" per weight). Unpenalized leaves are ``None``.
+
+Groups that span leaves (:class:`~optax_splitlbi.ChannelGroups`): every member
+of a class holds the class's decision in its own keepdims layout, the same in
+all members (a group is in supp Γ when Γ is nonzero in any member's slice).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_splitlbi.prox import group_norms
-from optax_splitlbi.penalties import LeafPenalty, path_str
+from optax_splitlbi.prox import penalty_norms, shared_norms, slice_sq_norms
+from optax_splitlbi.penalties import LeafPenalty, class_slices, member_axis, path_str
 from optax_splitlbi.transform import SplitLBIState, recompute_gamma
 
 _INJECT_STATES = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
@@ -134,29 +140,91 @@ def gamma(opt_state: Any) -> Any:
   return map_penalized(lambda pe, v, g: g, state, stored)
 
 
-def _group_nonzero(pe: LeafPenalty, g: jax.Array) -> jax.Array:
-  if pe.kind == "lasso":
-    return g != 0
-  return group_norms(g, pe.reduce_axes) > 0
+def _leaves_and_layouts(state: SplitLBIState, tree: Any) -> tuple[list, list]:
+  treedef = jax.tree.structure(state.momentum)
+  return _flatten_like(treedef, tree), treedef.flatten_up_to(state.penalty)
+
+
+def _unflatten(state: SplitLBIState, leaves: list) -> Any:
+  return jax.tree.structure(state.momentum).unflatten(leaves)
+
+
+def group_norms_list(state: SplitLBIState, tree: Any, *, slices_only: bool = False) -> list:
+  """‖x_g‖₂ per group of every penalized leaf (keepdims; ``|x|`` for lasso), leaf order.
+
+  A member of a cross-leaf class gets the norm over the whole class (all
+  members and norm-only slices, as the prox sees it), the same in every
+  member; with ``slices_only`` only the members' own slices count.
+  """
+  xs, layouts = _leaves_and_layouts(state, tree)
+  out = [None if pe is None else penalty_norms(jnp.asarray(x), pe)
+         for x, pe in zip(xs, layouts)]
+  for slices in class_slices(layouts).values():
+    used = [(i, a) for i, a, shrunk in slices if shrunk or not slices_only]
+    norms = shared_norms([slice_sq_norms(jnp.asarray(xs[i]), a) for i, a in used])
+    for i, a, shrunk in slices:
+      if shrunk:
+        out[i] = jnp.reshape(norms, out[i].shape)
+  return out
 
 
 def group_support(opt_state: Any) -> Any:
-  """1[Γ_g ≠ 0] per group, keepdims layout (per entry for lasso); ``None`` elsewhere."""
+  """1[Γ_g ≠ 0] per group, keepdims layout (per entry for lasso); ``None`` elsewhere.
+
+  A cross-leaf group is in the support when Γ is nonzero in any member's slice.
+  """
   state = find_state(opt_state)
-  return map_penalized(lambda pe, v, g: _group_nonzero(pe, g), state, gamma(opt_state))
+  norms = group_norms_list(state, gamma(opt_state), slices_only=True)
+  return _unflatten(state, [None if n is None else n > 0 for n in norms])
 
 
 def support(opt_state: Any) -> Any:
   """Boolean masks 1[Γ ≠ 0], full parameter shape; ``None`` for unpenalized leaves.
 
   For a group penalty a group's decision (Γ_g ≠ 0) is broadcast over all of
-  its entries. The masks plug into :func:`optax_splitlbi.apply_masks` and
-  :func:`optax_splitlbi.masked_updates`.
+  its entries (for a cross-leaf group, over its slice in every member). The
+  masks plug into :func:`optax_splitlbi.apply_masks`,
+  :func:`optax_splitlbi.masked_updates` and :func:`optax_splitlbi.slim`.
   """
   state = find_state(opt_state)
-  return map_penalized(
-      lambda pe, v, g: jnp.broadcast_to(_group_nonzero(pe, g), g.shape),
-      state, gamma(opt_state))
+  return map_penalized(lambda pe, v, g: jnp.broadcast_to(g, v.shape), state,
+                       group_support(opt_state))
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """A set of groups decided together: a penalized leaf, or a cross-leaf class.
+
+  Attributes:
+    name: the leaf's path, or the class's name.
+    leaves: the leaf indices (a class: its members, in leaf order).
+    num_groups: groups in the unit (a lasso leaf: its entries).
+    group_size: weights one group removes (over all members of a class).
+    kind: ``"lasso"``, ``"group"`` or ``"class"``.
+  """
+
+  name: str
+  leaves: tuple[int, ...]
+  num_groups: int
+  group_size: int
+  kind: str
+
+
+def units(opt_state: Any) -> list[Unit]:
+  """The units of the importance order and of per-layer budgets, in leaf order."""
+  leaves = penalized_leaves(opt_state)
+  out, seen = [], set()
+  for name, i, pe, shape in leaves:
+    if pe.shared is None:
+      n = math.prod(shape) // (pe.group_size if pe.kind == "group" else 1)
+      out.append(Unit(name, (i,), n, pe.group_size, pe.kind))
+    elif pe.shared not in seen:
+      seen.add(pe.shared)
+      members = [(j, s) for _, j, q, s in leaves if q.shared == pe.shared]
+      size = shape[member_axis(pe)]
+      out.append(Unit(pe.shared, tuple(j for j, _ in members), size,
+                      sum(math.prod(s) for _, s in members) // size, "class"))
+  return out
 
 
 def sparse_params(params: Any, opt_state: Any) -> Any:

@@ -18,6 +18,10 @@ Importance order (most important first), lexicographic:
    of the group's weights (comparable across group sizes);
 3. remaining ties by position (layer order, then row-major group index).
 
+A cross-leaf class (:class:`~optax_splitlbi.ChannelGroups`) is one unit: its
+groups are ranked once, by the norm over all members, with the weights of all
+members as their size, and every member gets the same decision.
+
 Without ``record_path`` only step 2 applies: the order is by ‖V_g‖/t_g (or
 W's RMS), whose groups above 1 are exactly supp Γ; it approximates the entry
 order (V moves monotonically only while W keeps its sign pattern).
@@ -34,8 +38,6 @@ import jax
 import jax.numpy as jnp
 
 from optax_splitlbi import masks as masks_lib
-from optax_splitlbi.prox import penalty_norms
-from optax_splitlbi.penalties import LeafPenalty
 
 _NEVER = jnp.iinfo(jnp.int32).max
 
@@ -70,16 +72,6 @@ def entered_by(opt_state: Any, step) -> Any:
       lambda pe, v, e: jnp.broadcast_to((e >= 0) & (e <= step), v.shape), state, ent)
 
 
-def _tiebreak_norms(pe: LeafPenalty, v, w, t, tiebreak: str) -> jax.Array:
-  """Keepdims-layout secondary key (larger = more important)."""
-  if tiebreak == "v":
-    x = v
-    scale = jnp.where(t > 0, 1.0 / jnp.where(t > 0, t, 1.0), 1.0)  # t = 0: raw norm
-  else:
-    x, scale = w, 1.0 / math.sqrt(pe.group_size)
-  return penalty_norms(jnp.asarray(x), pe) * scale
-
-
 def _check_tiebreak(tiebreak: str, params: Any) -> None:
   if tiebreak not in ("v", "w"):
     raise ValueError(f"tiebreak must be 'v' or 'w', got {tiebreak!r}.")
@@ -88,19 +80,44 @@ def _check_tiebreak(tiebreak: str, params: Any) -> None:
 
 
 def _keys(opt_state, params, tiebreak):
-  """Per penalized leaf trees: primary int32 key (entry step), secondary float key."""
+  """Per leaf (leaf order, ``None`` if unpenalized), in keepdims layout: the primary
+  int32 key (entry step, or 0) and the secondary float key (the tie-break norm,
+  over the whole class for a member of a cross-leaf class)."""
   state = masks_lib.find_state(opt_state)
-  w_tree = params if params is not None else state.v
-  norms = masks_lib.map_penalized(
-      lambda pe, v, w, t: _tiebreak_norms(pe, v, w, t, tiebreak), state, w_tree,
-      masks_lib.thresholds(state))
+  layouts = jax.tree.structure(state.momentum).flatten_up_to(state.penalty)
+  norms = masks_lib.group_norms_list(state, state.v if tiebreak == "v" else params)
+  thresholds = iter(state.threshold)
+  secondary = []
+  for pe, n in zip(layouts, norms):
+    if pe is None:
+      secondary.append(None)
+    elif tiebreak == "v":  # ‖V_g‖/t (t = 0: the raw norm)
+      t = next(thresholds)
+      secondary.append(n * jnp.where(t > 0, 1.0 / jnp.where(t > 0, t, 1.0), 1.0))
+    else:  # the RMS ‖W_g‖/√d
+      next(thresholds)
+      secondary.append(n / math.sqrt(pe.group_size))
   if state.entry is None:
-    primary = masks_lib.map_penalized(
-        lambda pe, v, n: jnp.zeros(n.shape, jnp.int32), state, norms)
+    primary = [None if n is None else jnp.zeros(n.shape, jnp.int32) for n in secondary]
   else:
-    primary = masks_lib.map_penalized(
-        lambda pe, v, e: jnp.where(e >= 0, e, _NEVER).astype(jnp.int32), state, state.entry)
-  return state, primary, norms
+    entries = jax.tree.structure(state.momentum).flatten_up_to(state.entry)
+    primary = [None if pe is None else jnp.where(e >= 0, e, _NEVER).astype(jnp.int32)
+               for pe, e in zip(layouts, entries)]
+  return state, primary, secondary
+
+
+def _per_unit(state, keys: list) -> list:
+  """Every unit's key vector (its first leaf's, flat): one entry per group."""
+  return [keys[u.leaves[0]].reshape(-1) for u in masks_lib.units(state)]
+
+
+def _to_leaves(state, per_unit: list, like: list) -> Any:
+  """Scatters per-unit vectors to every member leaf in its keepdims layout (``like``)."""
+  out = [None] * len(like)
+  for u, x in zip(masks_lib.units(state), per_unit):
+    for i in u.leaves:
+      out[i] = x.reshape(like[i].shape)
+  return jax.tree.structure(state.momentum).unflatten(out)
 
 
 def _order(primary: jax.Array, secondary: jax.Array) -> jax.Array:
@@ -144,15 +161,17 @@ def importance_scores(opt_state: Any, params: Optional[Any] = None, *,
 def _importance_scores(opt_state, params, tiebreak):
   state, primary, norms = _keys(opt_state, params, tiebreak)
   k_max = state.count
-  for k in jax.tree.leaves(primary):
-    k_max = jnp.maximum(k_max, jnp.max(jnp.where(k == _NEVER, 0, k), initial=0))
+  for k in primary:
+    if k is not None:
+      k_max = jnp.maximum(k_max, jnp.max(jnp.where(k == _NEVER, 0, k), initial=0))
   k_max = k_max.astype(jnp.float32)
 
-  def score(pe, v, k, n):
+  def score(k, n):
     s = n / (1 + n)
     return jnp.where(k == _NEVER, s, (k_max + 1 - k.astype(jnp.float32)) + s)
 
-  return masks_lib.map_penalized(score, state, primary, norms)
+  return jax.tree.structure(state.momentum).unflatten(
+      [None if k is None else score(k, n) for k, n in zip(primary, norms)])
 
 
 def importance_ranks(opt_state: Any, params: Optional[Any] = None, *,
@@ -178,24 +197,23 @@ def importance_ranks(opt_state: Any, params: Optional[Any] = None, *,
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _importance_ranks(opt_state, params, scope, tiebreak):
   state, primary, norms = _keys(opt_state, params, tiebreak)
-  prim = jax.tree.leaves(primary)
-  sec = jax.tree.leaves(norms)
+  prim, sec = _per_unit(state, primary), _per_unit(state, norms)
   if scope == "layer":
-    ranks = [_ranks(p.reshape(-1), s.reshape(-1)).reshape(p.shape)
-             for p, s in zip(prim, sec)]
+    ranks = [_ranks(p, s) for p, s in zip(prim, sec)]
   else:
-    flat = _ranks(jnp.concatenate([p.reshape(-1) for p in prim] or [jnp.zeros(0, jnp.int32)]),
-                  jnp.concatenate([s.reshape(-1) for s in sec] or [jnp.zeros(0)]))
-    ranks, start = [], 0
-    for p in prim:
-      ranks.append(flat[start:start + p.size].reshape(p.shape))
-      start += p.size
-  return _unflatten_penalized(state, ranks)
+    flat = _ranks(jnp.concatenate(prim or [jnp.zeros(0, jnp.int32)]),
+                  jnp.concatenate(sec or [jnp.zeros(0)]))
+    ranks = _split(flat, [p.size for p in prim])
+  return _to_leaves(state, ranks, primary)
 
 
-def _unflatten_penalized(state, leaves: list) -> Any:
-  it = iter(leaves)
-  return masks_lib.map_penalized(lambda pe, v: next(it), state)
+def _split(flat: jax.Array, sizes: list) -> list:
+  """``flat`` cut into consecutive pieces of ``sizes``."""
+  out, start = [], 0
+  for n in sizes:
+    out.append(flat[start:start + n])
+    start += n
+  return out
 
 
 def _keep_prefix(primary, secondary, sizes, target) -> jax.Array:
@@ -230,9 +248,11 @@ def prune_to_sparsity(params: Optional[Any], opt_state: Any, target, *,
       ``record_path=True`` for the entry order, otherwise the order is by the
       tie-break norm alone.
     target: fraction in [0, 1] of weights to keep (may be traced), or, with
-      ``scope="layer"``, a mapping ``{path: fraction}`` over every penalized
-      layer (as in :func:`sparsity_report`) for per-layer densities.
-    scope: ``"layer"`` (each penalized leaf keeps ``target`` of itself) or
+      ``scope="layer"``, a mapping ``{name: fraction}`` over every penalized
+      leaf outside cross-leaf classes and every class (by its name) for
+      per-layer densities.
+    scope: ``"layer"`` (each penalized leaf, or each cross-leaf class as a
+      whole, keeps ``target`` of itself) or
       ``"global"`` (one budget over all penalized leaves, so layers end up with
       different densities).
     tiebreak: ``"v"`` or ``"w"`` (module docstring).
@@ -250,7 +270,7 @@ def prune_to_sparsity(params: Optional[Any], opt_state: Any, target, *,
   if isinstance(target, Mapping):
     if scope != "layer":
       raise ValueError("prune_to_sparsity: a per-layer target mapping needs scope='layer'.")
-    names = [name for name, _, _, _ in masks_lib.penalized_leaves(opt_state)]
+    names = [u.name for u in masks_lib.units(opt_state)]
     missing = [n for n in names if n not in target]
     unknown = [n for n in target if n not in names]
     if missing or unknown:
@@ -276,23 +296,16 @@ def _check_fraction(x, name: str) -> None:
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _prune_to_sparsity(params, opt_state, target, scope, tiebreak):
   state, primary, norms = _keys(opt_state, params, tiebreak)
-  info = masks_lib.penalized_leaves(state)
-  prim = [p.reshape(-1) for p in jax.tree.leaves(primary)]
-  sec = [s.reshape(-1) for s in jax.tree.leaves(norms)]
-  sizes = [jnp.full(p.shape, pe.group_size, jnp.int32) for p, (_, _, pe, _) in zip(prim, info)]
+  prim, sec = _per_unit(state, primary), _per_unit(state, norms)
+  sizes = [jnp.full(p.shape, u.group_size, jnp.int32)
+           for p, u in zip(prim, masks_lib.units(state))]
   if scope == "layer":
     targets = target if target.ndim else [target] * len(prim)
     keep = [_keep_prefix(p, s, z, t) for p, s, z, t in zip(prim, sec, sizes, targets)]
   elif prim:
-    flat = _keep_prefix(jnp.concatenate(prim), jnp.concatenate(sec), jnp.concatenate(sizes),
-                        target)
-    keep, start = [], 0
-    for p in prim:
-      keep.append(flat[start:start + p.size])
-      start += p.size
+    keep = _split(_keep_prefix(jnp.concatenate(prim), jnp.concatenate(sec),
+                               jnp.concatenate(sizes), target), [p.size for p in prim])
   else:
     keep = []
-  group_shapes = [p.shape for p in jax.tree.leaves(primary)]
-  full = [jnp.broadcast_to(k.reshape(gs), shape)
-          for k, gs, (_, _, _, shape) in zip(keep, group_shapes, info)]
-  return _unflatten_penalized(state, full)
+  return masks_lib.map_penalized(lambda pe, v, k: jnp.broadcast_to(k, v.shape), state,
+                                 _to_leaves(state, keep, primary))

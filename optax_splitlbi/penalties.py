@@ -13,6 +13,12 @@ A penalty is chosen per parameter leaf by a *spec*: ``None`` (the default rule
 ``(path, leaf) -> spec``. A leaf spec is a :class:`Lasso`, a :class:`GroupLasso`,
 the strings ``"lasso"`` / ``"group"``, or ``None`` (not penalized: plain
 momentum SGD).
+
+Groups that span leaves (:class:`ChannelGroups`): a group g of a
+:class:`GroupClass` is index g of an axis of *several* leaves (a residual
+channel: the filters of every conv that writes it and their BatchNorm scales
+and shifts), Ω(Γ) = Σ_g ‖(Γ_{m,g})_{m ∈ members}‖₂, one norm over all members.
+``optax_splitlbi.slimming.channel_groups`` finds the classes of a network.
 """
 
 from __future__ import annotations
@@ -76,6 +82,68 @@ class GroupLasso:
     _check_lam(self.lam, "GroupLasso")
 
 
+@register_static
+@dataclasses.dataclass(frozen=True)
+class GroupClass:
+  """Groups that span leaves: group g is index g of an axis in every member leaf.
+
+  Ω(Γ) = Σ_g ‖Γ_g‖₂ with Γ_g = (Γ_m[..., g, ...])_{m ∈ members}: one norm over
+  the slices of all members, so one shrinkage factor max(0, 1 − t/‖V'_g‖)
+  moves all of them (paper eq. 5 with groups across layers).
+
+  Attributes:
+    name: the class's name (reports, masks, per-class targets).
+    size: the number of groups (channels, heads, neurons).
+    members: ``(leaf path, axis)`` of every member: its slices along ``axis``
+      are the class's groups, shrunk together. Paths as ``"Conv_0/kernel"``.
+    norm_only: ``(leaf path, axis)`` slices that enter the group norms but keep
+      their own leaf's penalty (a channel's consumers, as in DepGraph's groups).
+    lam: λ of this class; ``None``: the optimizer's ``lam``.
+    normalized: threshold λ·√d, d = the group's entries in all leaves.
+  """
+
+  name: str
+  size: int
+  members: tuple[tuple[str, int], ...]
+  norm_only: tuple[tuple[str, int], ...] = ()
+  lam: float | None = None
+  normalized: bool = False
+
+  def __post_init__(self):
+    for field in ("members", "norm_only"):
+      object.__setattr__(self, field, tuple((str(p), int(a)) for p, a in getattr(self, field)))
+    if not self.members:
+      raise ValueError(f"GroupClass {self.name!r}: needs at least one member.")
+    _check_lam(self.lam, f"GroupClass {self.name!r}")
+
+
+@register_static
+@dataclasses.dataclass(frozen=True)
+class ChannelGroups:
+  """A penalty whose groups span leaves, mixed with per-leaf specs.
+
+  Pass it as ``splitlbi(penalty=...)``. Leaves that are members of a class
+  get the class's group lasso; every other leaf gets ``rest`` (any per-leaf
+  penalty: ``None`` is :func:`default_penalty`, or a spec, a prefix tree or a
+  callable). Build it by hand or with
+  :func:`optax_splitlbi.slimming.channel_groups` (from the network's dependency
+  graph: the structures slimming can remove).
+
+  Attributes:
+    classes: the :class:`GroupClass` es; a leaf is a member of at most one.
+    rest: the penalty of the other leaves.
+  """
+
+  classes: tuple[GroupClass, ...]
+  rest: Any = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "classes", tuple(self.classes))
+
+  def __len__(self) -> int:
+    return len(self.classes)
+
+
 PenaltySpec = Union[Lasso, GroupLasso, str, None]
 PenaltyFn = Callable[[tuple, Any], PenaltySpec]
 
@@ -133,12 +201,20 @@ class LeafPenalty:
   Attributes:
     kind: ``"lasso"`` (every entry its own group) or ``"group"``.
     reduce_axes: non-negative axes reduced inside a group (``()`` for lasso).
-    group_size: d, the number of entries in one group (1 for lasso).
+    group_size: d, the number of entries in one group (1 for lasso); for a
+      member of a cross-leaf class, the entries of the group in all its leaves.
+    shared: the name of the :class:`GroupClass` whose groups this leaf's
+      entries belong to (its one kept axis indexes them), or ``None``.
+    norm_of: ``(class name, axis)`` pairs: classes whose group norms this
+      leaf's slices along ``axis`` enter without being shrunk by them (the
+      consumers of a channel, ``members="consumers"``).
   """
 
   kind: str
   reduce_axes: tuple[int, ...] = ()
   group_size: int = 1
+  shared: str | None = None
+  norm_of: tuple[tuple[str, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +237,19 @@ class ResolvedPenalty:
     return lam * math.sqrt(self.layout.group_size) if self.normalized else lam
 
 
+def user_path(path: Sequence[Any]) -> tuple:
+  """The key path a user writes: without the ``.value`` key that ends the paths of
+  ``nnx.Variable`` leaves (flax 0.12 ``nnx.Optimizer`` gives them to ``init`` only)."""
+  path = tuple(path)
+  last = path[-1] if path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+    return path[:-1]
+  return path
+
+
 def path_str(path: Sequence[Any]) -> str:
-  """A readable ``"Conv_0/kernel"`` name for a pytree key path."""
-  return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
+  """A readable ``"Conv_0/kernel"`` name for a pytree key path (see :func:`user_path`)."""
+  return jax.tree_util.keystr(user_path(path), simple=True, separator="/") or "<root>"
 
 
 def default_penalty(path: tuple, leaf: Any) -> PenaltySpec:
@@ -263,10 +349,12 @@ def resolve_penalties(penalty: Any, params: Any) -> Any:
     :class:`ResolvedPenalty` or ``None`` (not penalized). It has no array leaves.
   """
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if isinstance(penalty, ChannelGroups):
+    return treedef.unflatten(_resolve_classes(penalty, params))
   if penalty is None:
     penalty = default_penalty
   if callable(penalty) and not _is_spec(penalty):
-    specs = [penalty(p, x) for p, x in leaves_with_path]
+    specs = [penalty(user_path(p), x) for p, x in leaves_with_path]
   elif _is_spec(penalty):
     specs = [penalty] * len(leaves_with_path)
   else:
@@ -284,3 +372,89 @@ def _broadcast_prefix(prefix: Any, params: Any) -> Any:
   return jax.tree.map(
       lambda spec, sub: jax.tree.map(lambda _: spec, sub),
       prefix, params, is_leaf=_is_spec)
+
+
+def _class_slices(cls: GroupClass, index: dict, shapes: list, field: str) -> list:
+  """(leaf index, axis, entries per group) of a class's ``members`` / ``norm_only``.
+
+  Raises:
+    ValueError: naming the class and leaf for a missing leaf or a bad axis.
+  """
+  out = []
+  for path, axis in getattr(cls, field):
+    if path not in index:
+      raise ValueError(f"penalty: group class {cls.name!r}: {field} leaf {path!r} is not a "
+                       f"parameter (parameters: {list(index)[:8]}...).")
+    i = index[path]
+    shape = shapes[i]
+    if not -len(shape) <= axis < len(shape):
+      raise ValueError(f"penalty: group class {cls.name!r}: axis {axis} is out of range for "
+                       f"leaf {path!r} of shape {shape}.")
+    axis %= len(shape)
+    if shape[axis] != cls.size:
+      raise ValueError(f"penalty: group class {cls.name!r} has {cls.size} groups but leaf "
+                       f"{path!r} has {shape[axis]} along axis {axis} (shape {shape}).")
+    out.append((i, axis, math.prod(shape) // cls.size))
+  return out
+
+
+def _resolve_classes(penalty: ChannelGroups, params: Any) -> list:
+  """Per leaf (leaf order) the resolved penalty of a :class:`ChannelGroups`."""
+  with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = [path_str(p) for p, _ in with_path]
+  index = {n: i for i, n in enumerate(names)}
+  shapes = [tuple(x.shape) for _, x in with_path]
+  rest = jax.tree.structure(params).flatten_up_to(resolve_penalties(penalty.rest, params))
+  owner: dict = {}
+  norm_of: dict = {}
+  seen_names = set()
+  for cls in penalty.classes:
+    if cls.name in seen_names:
+      raise ValueError(f"penalty: two group classes are named {cls.name!r}.")
+    seen_names.add(cls.name)
+    members = _class_slices(cls, index, shapes, "members")
+    extra = _class_slices(cls, index, shapes, "norm_only")
+    d = sum(n for _, _, n in members + extra)
+    for i, axis, _ in members:
+      if i in owner:
+        raise ValueError(f"penalty: leaf {names[i]!r} is a member of group classes "
+                         f"{owner[i][0]!r} and {cls.name!r}; groups may not overlap.")
+      reduce_axes = tuple(a for a in range(len(shapes[i])) if a != axis)
+      owner[i] = (cls.name, ResolvedPenalty(
+          LeafPenalty("group", reduce_axes, d, cls.name), cls.lam, cls.normalized))
+    for i, axis, _ in extra:
+      norm_of.setdefault(i, []).append((cls.name, axis))
+  out = []
+  for i, r in enumerate(rest):
+    r = owner[i][1] if i in owner else r
+    if i in norm_of:
+      if r is None:
+        raise ValueError(f"penalty: leaf {names[i]!r} enters the norms of {norm_of[i]} but "
+                         "has no penalty of its own (its V is not kept); give it one.")
+      r = dataclasses.replace(r, layout=dataclasses.replace(r.layout,
+                                                            norm_of=tuple(norm_of[i])))
+    out.append(r)
+  return out
+
+
+def member_axis(layout: LeafPenalty) -> int:
+  """The axis of a cross-leaf member that indexes its class's groups (the one not reduced)."""
+  ndim = len(layout.reduce_axes) + 1
+  return next(a for a in range(ndim) if a not in layout.reduce_axes)
+
+
+def class_slices(layouts: Sequence[LeafPenalty | None]) -> dict[str, list[tuple[int, int, bool]]]:
+  """Per cross-leaf class, ``(leaf index, axis, shrunk)`` of every slice in its norms.
+
+  ``shrunk`` is ``True`` for members (their Γ is the class's prox) and ``False``
+  for norm-only slices. Classes in order of first appearance.
+  """
+  out: dict = {}
+  for i, pe in enumerate(layouts):
+    if pe is None:
+      continue
+    if pe.shared is not None:
+      out.setdefault(pe.shared, []).append((i, member_axis(pe), True))
+    for name, axis in pe.norm_of:
+      out.setdefault(name, []).append((i, axis, False))
+  return out

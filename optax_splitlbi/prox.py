@@ -104,6 +104,20 @@ def group_scales(x: jax.Array, reduce_axes: Sequence[int], lam,
   return group_map(lambda g: _group_scale(_norm(g, axis_name), lam), x, reduce_axes)
 
 
+def slice_sq_norms(x: jax.Array, axis: int, axis_name: Any = None) -> jax.Array:
+  """Σ x² over every axis but ``axis`` (float32 or wider): a leaf's share of the squared
+  norms of the cross-leaf groups that ``axis`` indexes (keepdims layout)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  sq = jnp.sum(jnp.square(x), tuple(a for a in range(x.ndim) if a != axis), keepdims=True)
+  return jax.lax.psum(sq, axis_name) if axis_name else sq
+
+
+def shared_norms(slices: Sequence[jax.Array]) -> jax.Array:
+  """‖V_g‖₂ of cross-leaf groups from every member's :func:`slice_sq_norms` (a vector)."""
+  sq = sum(jnp.reshape(s, (-1,)) for s in slices)
+  return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1)), 0)
+
+
 def penalty_norms(x: jax.Array, penalty: LeafPenalty) -> jax.Array:
   """‖x_g‖₂ per group of ``penalty`` (keepdims layout); |xᵢ| (float32) for lasso."""
   if penalty.kind == "lasso":
@@ -143,16 +157,35 @@ class LeafProx:
     threshold: t.
     axis_name: mesh axes splitting the leaf's groups inside ``shard_map``.
     scale: c (e.g. κ, for Γ = κ·Prox_t(V)).
+    norms: for a member of a cross-leaf class, ‖V_g‖₂ of the class's groups over
+      all members (keepdims layout of this leaf), computed beforehand from the V
+      the prox is applied to; ``None`` for a per-leaf penalty.
   """
 
   penalty: LeafPenalty
   threshold: Any
   axis_name: Any = None
   scale: Any = 1
+  norms: Any = None
 
   def __call__(self, v: jax.Array) -> jax.Array:
-    out = prox(v, self.penalty, self.threshold, self.axis_name)
+    if self.norms is None:
+      out = prox(v, self.penalty, self.threshold, self.axis_name)
+    else:  # a cross-leaf group: max(0, 1 − t/‖V_g‖)·V_m with the norm over all members
+      out = (self.factors(v) * v).astype(v.dtype)
     return out if isinstance(self.scale, int) and self.scale == 1 else self.scale * out
+
+  def factors(self, v: jax.Array) -> jax.Array:
+    """max(0, 1 − t/‖v_g‖₂) per group (keepdims), so that Prox(v) = factors·v."""
+    if self.norms is not None:
+      return _group_scale(self.norms, self.threshold)
+    return group_scales(v, self.penalty.reduce_axes, self.threshold, self.axis_name)
+
+  def active(self, v: jax.Array) -> jax.Array:
+    """Which groups (keepdims) or entries of Prox_t(v) are nonzero: ‖v_g‖ > t."""
+    if self.norms is not None:
+      return self.norms > self.threshold
+    return active(v, self.penalty, self.threshold, self.axis_name)
 
   @property
   def elementwise(self) -> bool:

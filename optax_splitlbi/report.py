@@ -13,6 +13,7 @@ entries are 0-d arrays.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -30,6 +31,13 @@ from optax_splitlbi.penalties import LeafPenalty, path_str
 class Kind(str):
   """A layer's penalty kind, ``"group"`` or ``"lasso"``: a ``str`` that is a
   leaf-less pytree node, so a report can be returned from a jitted function."""
+
+  __slots__ = ()
+
+
+@register_static
+class Names(tuple):
+  """The member paths of a cross-leaf class: a tuple that is a leaf-less pytree node."""
 
   __slots__ = ()
 
@@ -86,10 +94,13 @@ def sparsity_report(opt_state: Any, params: Optional[Any] = None, *,
 
   Returns:
     ``{"layers": {path: {"kind", "weights", "nonzero_weights", "weight_density",
-    "groups", "nonzero_groups", "group_density"}}, "total": {same counts and
-    densities over all penalized leaves, "params": number of parameters in
-    every leaf, penalized or not}}``. ``kind`` is ``"group"`` or ``"lasso"``;
-    for lasso ``groups == weights``. A density over zero weights is 0.
+    "groups", "nonzero_groups", "group_density"}}, with cross-leaf classes "classes": {name: {"kind",
+    "members", "weights", "nonzero_weights", "groups", "nonzero_groups",
+    "group_density"}}, "total": {same counts and densities over all penalized
+    leaves, "params": number of parameters in every leaf, penalized or not}}``.
+    ``kind`` is ``"group"`` or ``"lasso"`` (``"class"`` for a cross-leaf
+    class, whose ``groups`` are its channels, counted once in the total); for
+    lasso ``groups == weights``. A density over zero weights is 0.
   """
   state = masks_lib.find_state(opt_state)
   info = masks_lib.penalized_leaves(state)
@@ -99,17 +110,19 @@ def sparsity_report(opt_state: Any, params: Optional[Any] = None, *,
     _, _, flat = retrain_lib._flat_masks(masks, state.momentum, "sparsity_report")
     full = [jnp.ones(shape, bool) if flat[i] is None else jnp.broadcast_to(flat[i], shape)
             for _, i, _, shape in info]
-  layers = {}
-  for j, (name, _, pe, shape) in enumerate(info):
+    gsup = [jnp.any(f, axis=pe.reduce_axes, keepdims=True) for f, (_, _, pe, _) in
+            zip(full, info)]
+  layers, kept_groups = {}, {}
+  for j, (name, i, pe, shape) in enumerate(info):
     weights = math.prod(shape)
     groups = _num_groups(pe, shape)
     group_size = weights // groups if groups else 0
+    kept_groups[i] = gsup[j]
+    nonzero_groups = jnp.sum(gsup[j], dtype=jnp.int32)
     if masks is None:
-      nonzero_groups = jnp.sum(gsup[j], dtype=jnp.int32)
       nonzero_weights = nonzero_groups * group_size
     else:
       nonzero_weights = jnp.sum(full[j], dtype=jnp.int32)
-      nonzero_groups = jnp.sum(jnp.any(full[j], axis=pe.reduce_axes), dtype=jnp.int32)
     layers[name] = {
         "kind": Kind(pe.kind),
         "weights": weights,
@@ -119,9 +132,13 @@ def sparsity_report(opt_state: Any, params: Optional[Any] = None, *,
         "nonzero_groups": nonzero_groups,
         "group_density": _density(nonzero_groups, groups),
     }
+  classes = _class_report(state, layers, kept_groups)
+  units = [layers[n] for n, _, pe, _ in info if pe.shared is None] + list(classes.values())
   total = {}
-  for k in ("weights", "nonzero_weights", "groups", "nonzero_groups"):
+  for k in ("weights", "nonzero_weights"):
     total[k] = sum((layer[k] for layer in layers.values()), 0)
+  for k in ("groups", "nonzero_groups"):  # a cross-leaf class's groups count once
+    total[k] = sum((unit[k] for unit in units), 0)
   total["weight_density"] = _density(total["nonzero_weights"], total["weights"])
   total["group_density"] = _density(total["nonzero_groups"], total["groups"])
   total = {k: total[k] for k in _LAYER_KEYS}
@@ -130,7 +147,28 @@ def sparsity_report(opt_state: Any, params: Optional[Any] = None, *,
   else:
     shapes = jax.tree.leaves(state.momentum)
   total["params"] = int(sum(math.prod(jnp.shape(x)) for x in shapes))
-  return _to_python({"layers": layers, "total": total})
+  out = {"layers": layers, "classes": classes, "total": total} if classes else {
+      "layers": layers, "total": total}
+  return _to_python(out)
+
+
+def _class_report(state, layers: dict, kept_groups: dict) -> dict:
+  """Per cross-leaf class: its channels in supp Γ (or kept by the masks) and weights."""
+  out = {}
+  names = {i: name for name, i, _, _ in masks_lib.penalized_leaves(state)}
+  for unit in masks_lib.units(state):
+    if unit.kind != "class":
+      continue
+    kept = functools.reduce(jnp.logical_or, [kept_groups[i].reshape(-1) for i in unit.leaves])
+    members = [names[i] for i in unit.leaves]
+    nonzero = jnp.sum(kept, dtype=jnp.int32)
+    out[unit.name] = {
+        "kind": Kind("class"), "members": Names(members),
+        "weights": sum(layers[m]["weights"] for m in members),
+        "nonzero_weights": sum(layers[m]["nonzero_weights"] for m in members),
+        "groups": unit.num_groups, "nonzero_groups": nonzero,
+        "group_density": _density(nonzero, unit.num_groups)}
+  return out
 
 
 def format_report(report: dict) -> str:
@@ -144,6 +182,9 @@ def format_report(report: dict) -> str:
             f"{float(r['group_density']):.2%}")
 
   rows = [row(n, r["kind"], r) for n, r in report["layers"].items()]
+  for n, r in report.get("classes", {}).items():
+    r = dict(r, weight_density=r["nonzero_weights"] / max(r["weights"], 1))
+    rows.append(row(f"{n} ({len(r['members'])} leaves)", "class", r))
   rows.append(row("total", "", report["total"]))
   widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 

@@ -114,6 +114,16 @@ def _call(fn: Callable[..., jax.Array], *args) -> jax.Array:
   return fn(*args)
 
 
+def coupling_gradient(w: jax.Array, gam: jax.Array, h: Hyperparams) -> jax.Array:
+  """∇_W ‖W − Γ‖²/(2ν) = (W − Γ)/ν."""
+  return (w - gam) / h.nu
+
+
+def dual_step(v: jax.Array, coupling_grad: jax.Array, h: Hyperparams) -> jax.Array:
+  """V' = V − (α/ν)·(Γ − W) = V + α·(W − Γ)/ν (paper eq. 4b; old W, old Γ)."""
+  return v + h.alpha * coupling_grad
+
+
 def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
                         gamma_of: Optional[prox_lib.LeafProx], h: Hyperparams, *,
                         nesterov: bool, coupling: str,
@@ -127,7 +137,8 @@ def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
     v: the dual variable V.
     gam: the stored Γ, or ``None`` in lean mode (``store_gamma=False``).
     prox_v: Prox_{λΩ} of this leaf, a function of V (soft-threshold or group
-      shrinkage at the leaf's threshold t).
+      shrinkage at the leaf's threshold t; for a member of a cross-leaf class,
+      the shrinkage by the group norms over all members of V').
     gamma_of: lean mode: V ↦ Γ = κ·Prox_t(V) with the κ and t of the last step.
     h: the step's hyperparameters α, κ, ν, τ and this leaf's β.
     nesterov: step along g̃ + τ·b'.
@@ -139,18 +150,18 @@ def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
     ``(W' − W, b', V', Γ')``.
   """
 
-  def coupling_gradient(w, v, gam):  # ∇_W ‖W − Γ‖²/(2ν)
-    return (w - (gamma_of(v) if gam is None else gam)) / h.nu
+  def coupling_of(w, v, gam):  # ∇_W ‖W − Γ‖²/(2ν), lean mode: Γ = κ·Prox_t(V)
+    return coupling_gradient(w, gamma_of(v) if gam is None else gam, h)
 
   g = decayed(g, w, h)  # g̃ = ∇L(W) + β·W
-  coupling_grad = own_buffer(coupling_gradient, w, v, gam)  # (W − Γ)/ν
+  coupling_grad = own_buffer(coupling_of, w, v, gam)  # (W − Γ)/ν
   if coupling == "momentum":
     g = g + coupling_grad  # eq. 12: through the momentum
   b_next, direction = momentum_step(b, g, h.momentum, nesterov)  # b' = τ·b + g̃
   if coupling == "outside":
     direction = direction + coupling_grad  # official code: outside it
   w_step = -h.kappa * h.alpha * direction  # W' = W − κα·b' − (κα/ν)·(W − Γ)
-  v_next = v + h.alpha * coupling_grad  # V' = V − (α/ν)·(Γ − W)
+  v_next = dual_step(v, coupling_grad, h)  # V' = V − (α/ν)·(Γ − W)
   gam_next = h.kappa * prox_v(v_next)  # Γ' = κ·Prox_{λΩ}(V')
   return w_step, b_next, v_next, gam_next
 
@@ -169,6 +180,7 @@ class _Leaf(NamedTuple):
   axis_name: tuple
   gamma_of: Optional[prox_lib.LeafProx]  # lean mode: V ↦ Γ of the last step
   weight_decay: Any  # β, or None where the leaf is not decayed
+  shared_norms: Any = None  # cross-leaf member: ‖V'_g‖ over the class (keepdims)
 
 
 def _leaf_update(leaf: _Leaf, h: Hyperparams, steps) -> _Leaf:
@@ -186,13 +198,13 @@ def _leaf_update(leaf: _Leaf, h: Hyperparams, steps) -> _Leaf:
     return leaf._replace(grad=update.astype(leaf.grad.dtype),
                          momentum=b_next.astype(leaf.momentum.dtype))
   pe, t, axes = leaf.penalty, leaf.threshold, leaf.axis_name
-  prox_v = prox_lib.LeafProx(pe, t, axes)
+  prox_v = prox_lib.LeafProx(pe, t, axes, norms=leaf.shared_norms)
   v = leaf.v.astype(ctype)
   gam = None if leaf.gamma is None else leaf.gamma.astype(ctype)
   update, b_next, v_next, gam_next = penalized_step(g, w, b, v, gam, prox_v, leaf.gamma_of, h)
   entry = leaf.entry
   if entry is not None:  # the first step at which the group entered supp Γ
-    entered = prox_lib.active(v_next, pe, t, axes) & (entry < 0)
+    entered = prox_v.active(v_next) & (entry < 0)
     entry = jnp.where(entered, h.count + 1, entry).astype(jnp.int32)
   return leaf._replace(
       grad=update.astype(leaf.grad.dtype), momentum=b_next.astype(leaf.momentum.dtype),
@@ -359,6 +371,7 @@ def splitlbi(
     leaves, thresholds = _flatten(updates, state, params, penalty=penalty, lam=lam,
                                   weight_decay=weight_decay, decay_mask=decay_mask,
                                   param_specs=param_specs)
+    leaves = _with_shared_norms(leaves, h)
     new = [_leaf_update(leaf, h, steps) for leaf in leaves]
     return _unflatten(new, state, params, kappa=kappa, thresholds=thresholds)
 
@@ -397,11 +410,58 @@ def _unflatten(new: list, state: SplitLBIState, params, *, kappa, thresholds: li
   return field("grad"), new_state
 
 
+def _keepdims(norms: jax.Array, ndim: int, axis: int) -> jax.Array:
+  """A class's vector of group norms in a member's keepdims layout."""
+  return jnp.reshape(norms, tuple(-1 if a == axis else 1 for a in range(ndim)))
+
+
+def _class_norms(vs: list, layouts: list, axis_names: list) -> list:
+  """Per leaf, ‖v_g‖₂ over all members of its cross-leaf class (keepdims), else ``None``.
+
+  ``vs``: every leaf's V (or V'), ``None`` where the leaf is unpenalized.
+  """
+  out = [None] * len(layouts)
+  for slices in penalties_lib.class_slices(layouts).values():
+    norms = prox_lib.shared_norms([prox_lib.slice_sq_norms(vs[i], axis, axis_names[i])
+                                   for i, axis, _ in slices])
+    for i, axis, shrunk in slices:
+      if shrunk:
+        out[i] = _keepdims(norms, vs[i].ndim, axis)
+  return out
+
+
+def _with_shared_norms(leaves: list, h: Hyperparams) -> list:
+  """Members of cross-leaf classes get the group norms of V' over the whole class.
+
+  V' = V + α·(W − Γ)/ν of every leaf in a class's norms is computed here as in
+  the leaf's own step (same functions, same precision); XLA shares the work.
+  """
+  layouts = [leaf.penalty for leaf in leaves]
+  if not penalties_lib.class_slices(layouts):
+    return leaves
+  v_next = [None] * len(leaves)
+  for slices in penalties_lib.class_slices(layouts).values():
+    for i, _, _ in slices:
+      leaf = leaves[i]
+      ctype = jnp.promote_types(leaf.momentum.dtype, leaf.param.dtype)
+      w, v = leaf.param.astype(ctype), leaf.v.astype(ctype)
+      gam = leaf.gamma_of(v) if leaf.gamma is None else leaf.gamma.astype(ctype)
+      v_next[i] = dual_step(v, coupling_gradient(w, gam, h), h)
+  norms = _class_norms(v_next, layouts, [leaf.axis_name for leaf in leaves])
+  return [leaf._replace(shared_norms=n) for leaf, n in zip(leaves, norms)]
+
+
 def _gamma_functions(state: SplitLBIState, layouts: list, axis_names: list) -> list:
-  """Per leaf, V ↦ Γ = κ·Prox_t(V) with the state's κ and thresholds (``None`` if unpenalized)."""
+  """Per leaf, V ↦ Γ = κ·Prox_t(V) with the state's κ and thresholds (``None`` if unpenalized).
+
+  Members of a cross-leaf class get the group norms of the state's V over the class.
+  """
+  vs = jax.tree.structure(state.momentum).flatten_up_to(state.v)
+  norms = _class_norms([None if pe is None else v for v, pe in zip(vs, layouts)], layouts,
+                       axis_names)
   thresholds = iter(state.threshold)
-  return [None if pe is None else prox_lib.LeafProx(pe, next(thresholds), ax, state.kappa)
-          for pe, ax in zip(layouts, axis_names)]
+  return [None if pe is None else prox_lib.LeafProx(pe, next(thresholds), ax, state.kappa, n)
+          for pe, ax, n in zip(layouts, axis_names, norms)]
 
 
 def recompute_gamma(state: SplitLBIState) -> Any:
