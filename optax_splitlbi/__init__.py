@@ -14,15 +14,17 @@ penalty resolution, the per-leaf update) stay in their modules:
 from optax_splitlbi.masks import find_state, gamma, group_support, penalized_leaves, sparse_params, support
 from optax_splitlbi.path import (entered_by, entry_steps, importance_ranks, importance_scores,
                                  prune_to_sparsity)
-from optax_splitlbi.penalties import (GroupLasso, Lasso, attention_heads, by_ndim, conv_filters,
+from optax_splitlbi.penalties import (ChannelGroups, GroupClass, GroupLasso, Lasso,
+                                      attention_heads, by_ndim, conv_filters,
                                       conv_input_channels, default_penalty, dense_inputs,
                                       dense_neurons)
 from optax_splitlbi.report import (coupling_residue, format_report, group_norms_tree,
                                    sparsity_report)
 from optax_splitlbi.retrain import apply_masks, masked_updates
 from optax_splitlbi.transform import SplitLBIState, splitlbi
-from optax_splitlbi.slimming import (SlimModel, coupled_channels, format_slim_report, slim,
-                                     slim_linen, slim_nnx)
+from optax_splitlbi.slimming import (SlimModel, channel_groups, channel_groups_nnx,
+                                     coupled_channels, format_slim_report, slim, slim_linen,
+                                     slim_nnx)
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,8 @@ __all__ = [
     # penalty specs
     "Lasso", "GroupLasso", "conv_filters", "conv_input_channels", "dense_neurons",
     "dense_inputs", "attention_heads", "by_ndim", "default_penalty",
+    # groups that span layers
+    "channel_groups", "channel_groups_nnx", "ChannelGroups", "GroupClass",
     # reading the sparse structure
     "find_state", "support", "group_support", "sparse_params", "gamma", "penalized_leaves",
     "sparsity_report", "format_report", "group_norms_tree", "coupling_residue",

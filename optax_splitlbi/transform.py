@@ -383,10 +383,10 @@ def _flatten(updates, state: SplitLBIState, params, *, penalty, lam, weight_deca
   """The inputs of every leaf (:class:`_Leaf`, leaf order) and the thresholds t."""
   treedef = jax.tree.structure(params)
   layouts = treedef.flatten_up_to(state.penalty)
+  axes = _shard_map.group_split_axes(param_specs, params, layouts)  # first: local shapes
   resolved = _resolve(penalty, params)
   _checks.same_layout(resolved, layouts, params)
   thresholds = _thresholds(resolved, layouts, lam)
-  axes = _shard_map.group_split_axes(param_specs, params, layouts)
   none = [None] * len(layouts)
   gamma_of = none if state.gamma is not None else _gamma_functions(state, layouts, axes)
   arrays = [none if x is None else treedef.flatten_up_to(x)

@@ -88,25 +88,28 @@ def _attached(cls: plan_lib.Classes, prog, params: _Params, cand: dict) -> dict:
 
 
 def _assign(cand: dict, attached: dict, size: dict, params: _Params) -> dict:
-  """root → member ``(leaf, axis)`` pairs; each leaf in one class, the one with the
-  fewest groups (ties: the first), classes without a producer member dropped."""
+  """root → member ``(leaf, axis)`` pairs; each leaf in one class: the one with the
+  most producing kernels, then the fewest groups, then the first; classes without a
+  producer member dropped."""
   first = lambda r: min(params.order[k] for k, _ in cand[r])  # noqa: E731
   roots = sorted(cand, key=first)
-  options: dict = {}   # leaf → [(size, position, root, axis, produces)]
+  options: dict = {}   # leaf → [(−producers, size, position, root, axis, produces)]
   for pos, r in enumerate(roots):
+    producers = len({k for k, _ in cand[r]})
     for produces, pairs in ((True, cand[r]), (False, attached.get(r, ()))):
       for k, axis in pairs:
-        options.setdefault(k, []).append((size[r], pos, r, axis, produces))
+        options.setdefault(k, []).append((-producers, size[r], pos, r, axis, produces))
   members: dict = {}
   for k, opts in options.items():
-    _, _, r, axis, produces = min(opts, key=lambda o: o[:2])
+    _, _, _, r, axis, produces = min(opts, key=lambda o: o[:3])
     members.setdefault(r, []).append((k, axis, produces))
   out = {}
   for r in roots:
     pairs = sorted(members.get(r, ()), key=lambda m: params.order[m[0]])
     if any(produces for _, _, produces in pairs):
       out[r] = pairs
-  return out
+  by_first = lambda r: min(params.order[k] for k, _, p in out[r] if p)  # noqa: E731
+  return {r: out[r] for r in sorted(out, key=by_first)}
 
 
 def _norm_only(cls: plan_lib.Classes, r: int, owner: dict, penalized: list,
@@ -170,9 +173,10 @@ def channel_groups(apply_fn: Callable[[Any, Any], Any], variables: Any, sample_i
   SplitLBI zeroes is a channel ``slim`` removes (the paper's filter groups,
   extended across layers).
 
-  A leaf that produces several classes (an attention projection: heads and
-  head dims) is a member of the one with the fewest groups; a class left with
-  no producing member is dropped. Classes are named after the module of their
+  A leaf that produces several classes (an attention value projection: heads,
+  shared with query and key, and its own head dims) is a member of the one with
+  the most producing kernels (then the fewest groups); a class left with no
+  producing member is dropped. Classes are named after the module of their
   first producing leaf (``"Conv_0"``, ``"BasicBlock_1/Conv_1"``; ``"#2"`` ...
   on a clash) and ordered by it.
 
