@@ -102,35 +102,54 @@ def _decay_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
   raise ValueError(f"schedule must be constant, step or multistep, got {config.schedule!r}.")
 
 
-def make_penalty(config: Config):
-  """Per-leaf SplitLBI penalty: group lasso on conv filters + lasso on dense kernels
-  (``penalty="group"``, paper Sec. 3), or lasso on both (``"lasso"``, Fig. 5 c-d).
-  Biases and BatchNorm scales are not penalized."""
+def make_penalty(config: Config, model=None, image_shape: Optional[tuple] = None):
+  """The SplitLBI penalty of ``config.penalty``.
+
+  ``"group"``: group lasso on conv filters + lasso on dense kernels (paper
+  Sec. 3); ``"lasso"``: lasso on both (Fig. 5 c-d); ``"channels"``: groups
+  that span layers, one per channel slimming can remove (a residual channel
+  across the stem, every block's last conv and the projection, each with its
+  BatchNorm scale and shift; :func:`optax_splitlbi.channel_groups`, needs
+  ``model`` and ``image_shape``) at λ = ``conv_lam``, lasso (``fc_lam``) on
+  the dense kernels outside them. Biases and BatchNorm scales are otherwise
+  not penalized.
+  """
   conv_lam, fc_lam = config.conv_lam, config.fc_lam  # None: the optimizer's lam
+  if config.penalty not in ("group", "lasso", "channels"):
+    raise ValueError(f"penalty must be 'group', 'lasso' or 'channels', got {config.penalty!r}.")
 
   def spec(path, leaf):
     del path
     if leaf.ndim == 4:
       if config.penalty == "lasso":
         return slbi.Lasso(conv_lam)
-      if config.penalty != "group":
-        raise ValueError(f"penalty must be 'group' or 'lasso', got {config.penalty!r}.")
       return slbi.conv_filters(conv_lam, config.normalized)
     if leaf.ndim == 2:
       return slbi.Lasso(fc_lam)
     return None
 
-  return spec
+  if config.penalty != "channels":
+    return spec
+  if model is None or image_shape is None:
+    raise ValueError("penalty='channels' traces the model: pass model= and image_shape=.")
+  x = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
+  return slbi.channel_groups(lambda v, x: model.apply(v, x, train=False), variables, x,
+                             members=config.group_members, lam=conv_lam,
+                             normalized=config.normalized, rest=spec,
+                             attached=config.group_attached)
 
 
-def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SplitLBI (with its κ, ν, λ) or an optax baseline, by ``config.optimizer``."""
+def make_optimizer(config: Config, steps_per_epoch: int, model=None,
+                   image_shape: Optional[tuple] = None) -> optax.GradientTransformation:
+  """SplitLBI (with its κ, ν, λ) or an optax baseline, by ``config.optimizer``
+  (``model`` and ``image_shape``: for ``penalty="channels"``)."""
   schedule = make_schedule(config, steps_per_epoch)
   if config.optimizer == "splitlbi":
     return slbi.splitlbi(
         schedule, kappa=config.kappa, nu=config.nu, lam=config.lam, momentum=config.momentum,
         nesterov=config.nesterov, weight_decay=config.weight_decay,
-        penalty=make_penalty(config), coupling=config.coupling)
+        penalty=make_penalty(config, model, image_shape), coupling=config.coupling)
   if config.optimizer == "sgd":
     # PyTorch semantics: decay (every parameter) is added to the gradient first.
     return optax.chain(
@@ -414,7 +433,7 @@ def _setup(config: Config, workdir: Optional[str], say: Callable[..., None]) -> 
   model = models.get_model(config.model, info.num_classes, **dict(config.model_kwargs))
   if config.retrain_slim:
     model = slim_architecture(config, model, info.image_shape)
-  tx = make_optimizer(config, steps_per_epoch)
+  tx = make_optimizer(config, steps_per_epoch, model, info.image_shape)
   abstract = jax.eval_shape(_init_fn(model, tx, info.image_shape), _init_rng(config))
   shardings = distributed.tree_shardings(abstract, mesh, config.param_sharding)
   has_bn = bool(jax.tree.leaves(abstract.batch_stats))

@@ -39,7 +39,10 @@ class Config:
   lam: float = 1.0                 # λ of every penalized layer ...
   conv_lam: Optional[float] = None  # ... unless overridden for conv kernels
   fc_lam: Optional[float] = None    # ... or dense kernels
-  penalty: str = "group"           # group: filters of conv + lasso on dense; lasso: lasso everywhere
+  penalty: str = "group"           # group: filters of conv + lasso on dense; lasso: lasso everywhere;
+  #                                  channels: groups spanning layers (removable channels, conv_lam)
+  group_members: str = "producers"  # channels: producers | consumers (also enter the norms)
+  group_attached: bool = True      # channels: BatchNorm scale / shift join their channel's group
   normalized: bool = False         # group threshold λ·√d (official lottery code)
   coupling: str = "outside"
   # schedule: constant | step (×decay_factor every decay_every epochs) | multistep

@@ -137,10 +137,11 @@ def _class_name(path: str, taken: set) -> str:
 
 
 def _build(cls: plan_lib.Classes, prog, params: _Params, consumers: bool, lam: Optional[float],
-           normalized: bool, rest: Any) -> penalties_lib.ChannelGroups:
+           normalized: bool, rest: Any, attached: bool) -> penalties_lib.ChannelGroups:
   """The :class:`ChannelGroups` of a traced network (see :func:`channel_groups`)."""
   cand = _candidates(cls, params)
-  members = _assign(cand, _attached(cls, prog, params, cand), cls.size, params)
+  extra = _attached(cls, prog, params, cand) if attached else {}
+  members = _assign(cand, extra, cls.size, params)
   owner = {k: (r, axis) for r, pairs in members.items() for k, axis, _ in pairs}
   penalized = []
   if consumers:
@@ -160,7 +161,8 @@ def _build(cls: plan_lib.Classes, prog, params: _Params, consumers: bool, lam: O
 
 def channel_groups(apply_fn: Callable[[Any, Any], Any], variables: Any, sample_input: Any, *,
                    members: str = "producers", lam: Optional[float] = None,
-                   normalized: bool = False, rest: Any = None) -> penalties_lib.ChannelGroups:
+                   normalized: bool = False, rest: Any = None,
+                   attached: bool = True) -> penalties_lib.ChannelGroups:
   """A SplitLBI penalty whose groups are the channels slimming can remove.
 
   The forward pass is traced and analysed as by :func:`slim`. Every channel
@@ -195,6 +197,10 @@ def channel_groups(apply_fn: Callable[[Any, Any], Any], variables: Any, sample_i
     normalized: threshold λ·√d, d = the entries of a group in all its leaves.
     rest: the penalty of the leaves that are no member (``None``:
       :func:`~optax_splitlbi.penalties.default_penalty`).
+    attached: the biases and norm scales / shifts of a channel join its group
+      (default), so a zero group is an exactly zero channel; ``False`` leaves
+      them to ``rest`` (then W on supp Γ keeps BatchNorm's shift, a constant
+      channel that slimming must fold).
 
   Returns:
     A :class:`~optax_splitlbi.penalties.ChannelGroups` for ``splitlbi(penalty=...)``.
@@ -206,12 +212,13 @@ def channel_groups(apply_fn: Callable[[Any, Any], Any], variables: Any, sample_i
     raise ValueError(f"channel_groups: members must be one of {_MEMBERS}, got {members!r}.")
   prog = trace(apply_fn, variables, sample_input)
   cls = plan_lib.group_classes(build_graph(prog))
-  return _build(cls, prog, _params_of(variables), members == "consumers", lam, normalized, rest)
+  return _build(cls, prog, _params_of(variables), members == "consumers", lam, normalized, rest,
+                attached)
 
 
 def channel_groups_nnx(model: Any, sample_input: Any, *, members: str = "producers",
                        lam: Optional[float] = None, normalized: bool = False,
-                       rest: Any = None) -> penalties_lib.ChannelGroups:
+                       rest: Any = None, attached: bool = True) -> penalties_lib.ChannelGroups:
   """:func:`channel_groups` for a Flax NNX module called as ``model(x)``.
 
   The paths are those of ``nnx.state(model, nnx.Param)`` (without the
@@ -221,7 +228,7 @@ def channel_groups_nnx(model: Any, sample_input: Any, *, members: str = "produce
   Args:
     model: the NNX module.
     sample_input: an input batch.
-    members, lam, normalized, rest: see :func:`channel_groups`.
+    members, lam, normalized, rest, attached: see :func:`channel_groups`.
 
   Returns:
     A :class:`~optax_splitlbi.penalties.ChannelGroups`.
@@ -233,4 +240,5 @@ def channel_groups_nnx(model: Any, sample_input: Any, *, members: str = "produce
     return nnx.merge(graphdef, v["params"], v["rest"])(x)
 
   return channel_groups(apply_fn, {"params": params, "rest": rest_state}, sample_input,
-                        members=members, lam=lam, normalized=normalized, rest=rest)
+                        members=members, lam=lam, normalized=normalized, rest=rest,
+                        attached=attached)
