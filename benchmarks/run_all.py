@@ -20,7 +20,7 @@ import time
 from benchmarks import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("update", "train", "memory", "scaling", "fused", "slim")
+SECTIONS = ("update", "train", "memory", "scaling", "fused", "cross_leaf", "slim")
 
 
 def _ms(x):
@@ -209,12 +209,31 @@ def _ab_section(ab: dict) -> list[str]:
   return L
 
 
+def _cross_leaf_section(c: dict) -> list[str]:
+  """Update time with groups that span layers ÷ per-leaf groups (benchmarks/cross_leaf.py)."""
+  L = ["## Groups that span layers: update time (ResNet-50, Flax example model)\n"]
+  d = c["default"]
+  L.append(f"SplitLBI with `channel_groups` ({d['classes']} classes: every residual channel's "
+           f"filters with their BatchNorm scales and shifts, one norm per group) against its "
+           f"default per-leaf penalty, {d['leaves']} leaves, {d['params'] / 1e6:.1f} M params; "
+           "interleaved medians (ms) of the donated, jitted update + apply_updates.\n")
+  L.append("| XLA flags | per-leaf | cross-leaf | ratio | per-leaf lean | cross-leaf lean | ratio |")
+  L.append("|---|---:|---:|---:|---:|---:|---:|")
+  for label, r in (("default", c["default"]), ("multi-output fusion", c["fused"])):
+    o = r["opts"]
+    L.append(f"| {label} | {_ms(o['per_leaf']['median'])} | {_ms(o['cross_leaf']['median'])} | "
+             f"{r['ratio']:.3f} | {_ms(o['per_leaf_lean']['median'])} | "
+             f"{_ms(o['cross_leaf_lean']['median'])} | {r['ratio_lean']:.3f} |")
+  L.append("")
+  return L
+
+
 def render(res: dict) -> str:
   """The markdown of RESULTS.md: one section per benchmark in ``res``, then targets and notes."""
   L = _machine_section(res)
   sections = (("update", _update_section), ("train", _train_section),
               ("memory", _memory_section), ("scaling", _scaling_section),
-              ("fused", _fused_section))
+              ("fused", _fused_section), ("cross_leaf", _cross_leaf_section))
   for key, section in sections:
     if key in res:
       L.extend(section(res[key]))
@@ -255,6 +274,12 @@ def targets(res: dict) -> list[str]:
       out.append(f"- ResNet-50 update ÷ SGD-momentum, scaled by bytes, {label}: **{x:.2f}** "
                  f"(≤ {limit}: {'met' if x <= limit else 'not met'}; before the change "
                  f"{r['old']['bytes_scaled_vs_sgd']:.2f}).")
+  for label, key in (("CPU default", "default"), ("CPU fusion flag", "fused")):
+    r = res.get("cross_leaf", {}).get(key)
+    if r:
+      out.append(f"- Cross-leaf ÷ per-leaf update time on ResNet-50, {label}: **{r['ratio']:.3f}** "
+                 f"(lean {r['ratio_lean']:.3f}; ≤ 1.1: "
+                 f"{'met' if max(r['ratio'], r['ratio_lean']) <= 1.1 else 'not met'}).")
   tr = res.get("train", {}).get("ResNet-20")
   if tr:
     o = tr["opts"]["splitlbi"]
@@ -327,6 +352,11 @@ def main():
     res["fused"] = {"flag": common.MOF_FLAG,
                     "update": common.run_with_xla_flag("update", args),
                     "train": common.run_with_xla_flag("train_step", args)}
+  if "cross_leaf" in sections:
+    from benchmarks import cross_leaf
+    args = ["--quick"] if a.quick else []
+    res["cross_leaf"] = {"default": cross_leaf.run(a.quick),
+                         "fused": common.run_with_xla_flag("cross_leaf", args)}
   if "slim" in sections:  # searches only if benchmarks/slim_masks.npz is missing
     from benchmarks import slim
     res["slim"] = slim.run(a.quick)

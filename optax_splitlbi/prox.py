@@ -191,3 +191,18 @@ class LeafProx:
   def elementwise(self) -> bool:
     """Whether the prox acts entry by entry (lasso), needing no group norms."""
     return self.penalty.kind == "lasso"
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingProx:
+  """The prox of a member of a cross-leaf class, first stage: V' as it is.
+
+  A class's group norms need every member's V' first, so the leaf step returns
+  κ·V' and :func:`shrink_members` then scales every member by the factors
+  max(0, 1 − t/‖V'_g‖) of its class (one factor per group over all members).
+  """
+
+  elementwise = False
+
+  def __call__(self, v: jax.Array) -> jax.Array:
+    return v

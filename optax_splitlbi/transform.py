@@ -180,7 +180,6 @@ class _Leaf(NamedTuple):
   axis_name: tuple
   gamma_of: Optional[prox_lib.LeafProx]  # lean mode: V ↦ Γ of the last step
   weight_decay: Any  # β, or None where the leaf is not decayed
-  shared_norms: Any = None  # cross-leaf member: ‖V'_g‖ over the class (keepdims)
 
 
 def _leaf_update(leaf: _Leaf, h: Hyperparams, steps) -> _Leaf:
@@ -198,12 +197,13 @@ def _leaf_update(leaf: _Leaf, h: Hyperparams, steps) -> _Leaf:
     return leaf._replace(grad=update.astype(leaf.grad.dtype),
                          momentum=b_next.astype(leaf.momentum.dtype))
   pe, t, axes = leaf.penalty, leaf.threshold, leaf.axis_name
-  prox_v = prox_lib.LeafProx(pe, t, axes, norms=leaf.shared_norms)
+  prox_v = (prox_lib.PendingProx() if pe.shared is not None  # shrunk in shrink_members
+            else prox_lib.LeafProx(pe, t, axes))
   v = leaf.v.astype(ctype)
   gam = None if leaf.gamma is None else leaf.gamma.astype(ctype)
   update, b_next, v_next, gam_next = penalized_step(g, w, b, v, gam, prox_v, leaf.gamma_of, h)
   entry = leaf.entry
-  if entry is not None:  # the first step at which the group entered supp Γ
+  if entry is not None and pe.shared is None:  # the first step the group entered supp Γ
     entered = prox_v.active(v_next) & (entry < 0)
     entry = jnp.where(entered, h.count + 1, entry).astype(jnp.int32)
   return leaf._replace(
@@ -371,8 +371,7 @@ def splitlbi(
     leaves, thresholds = _flatten(updates, state, params, penalty=penalty, lam=lam,
                                   weight_decay=weight_decay, decay_mask=decay_mask,
                                   param_specs=param_specs)
-    leaves = _with_shared_norms(leaves, h)
-    new = [_leaf_update(leaf, h, steps) for leaf in leaves]
+    new = shrink_members([_leaf_update(leaf, h, steps) for leaf in leaves], h)
     return _unflatten(new, state, params, kappa=kappa, thresholds=thresholds)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -430,25 +429,35 @@ def _class_norms(vs: list, layouts: list, axis_names: list) -> list:
   return out
 
 
-def _with_shared_norms(leaves: list, h: Hyperparams) -> list:
-  """Members of cross-leaf classes get the group norms of V' over the whole class.
+def shrink_members(new: list, h: Hyperparams) -> list:
+  """Γ' = κ·Prox(V') of the members of cross-leaf classes, second stage.
 
-  V' = V + α·(W − Γ)/ν of every leaf in a class's norms is computed here as in
-  the leaf's own step (same functions, same precision); XLA shares the work.
+  Every member's step left κ·V' (:class:`~optax_splitlbi.prox.PendingProx`);
+  here each class's group norms ‖V'_g‖ are summed over all its slices (members
+  and norm-only) and every member is scaled by max(0, 1 − t/‖V'_g‖), the one
+  shrinkage factor of its group; the entry steps are recorded per group.
+
+  Args:
+    new: every leaf's :func:`_leaf_update` result (leaf order).
+    h: the step's hyperparameters (``h.count`` for the entry record).
+
+  Returns:
+    ``new`` with the members' Γ' and entry steps.
   """
-  layouts = [leaf.penalty for leaf in leaves]
+  layouts = [leaf.penalty for leaf in new]
   if not penalties_lib.class_slices(layouts):
-    return leaves
-  v_next = [None] * len(leaves)
-  for slices in penalties_lib.class_slices(layouts).values():
-    for i, _, _ in slices:
-      leaf = leaves[i]
-      ctype = jnp.promote_types(leaf.momentum.dtype, leaf.param.dtype)
-      w, v = leaf.param.astype(ctype), leaf.v.astype(ctype)
-      gam = leaf.gamma_of(v) if leaf.gamma is None else leaf.gamma.astype(ctype)
-      v_next[i] = dual_step(v, coupling_gradient(w, gam, h), h)
-  norms = _class_norms(v_next, layouts, [leaf.axis_name for leaf in leaves])
-  return [leaf._replace(shared_norms=n) for leaf, n in zip(leaves, norms)]
+    return new
+  norms = _class_norms([leaf.v for leaf in new], layouts, [leaf.axis_name for leaf in new])
+  out = []
+  for leaf, n in zip(new, norms):
+    if n is not None:
+      factor = prox_lib.LeafProx(leaf.penalty, leaf.threshold, norms=n).factors(leaf.v)
+      leaf = leaf._replace(gamma=(factor * leaf.gamma).astype(leaf.gamma.dtype))
+      if leaf.entry is not None:
+        entered = (n > leaf.threshold) & (leaf.entry < 0)
+        leaf = leaf._replace(entry=jnp.where(entered, h.count + 1, leaf.entry).astype(jnp.int32))
+    out.append(leaf)
+  return out
 
 
 def _gamma_functions(state: SplitLBIState, layouts: list, axis_names: list) -> list:
