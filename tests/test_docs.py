@@ -9,12 +9,12 @@ import pytest
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 
 PAGES = {
-    "toolkit.md": (15, ["support", "group_support", "sparse_params", "gamma", "find_state",
+    "toolkit.md": (17, ["support", "group_support", "sparse_params", "gamma", "find_state",
                         "penalized_leaves", "sparsity_report", "format_report",
                         "group_norms_tree", "coupling_residue", "entry_steps", "entered_by",
                         "importance_ranks", "importance_scores", "prune_to_sparsity",
                         "apply_masks", "masked_updates", "conv_input_channels",
-                        "dense_neurons", "attention_heads"]),
+                        "dense_neurons", "attention_heads", "channel_groups", "slim"]),
     "slimming.md": (4, ["slim", "slim_linen", "slim_nnx", "format_slim_report",
                         "coupled_channels"]),
 }
