@@ -46,6 +46,18 @@ def hyperparameters(*, coupling: str, **values: Any) -> None:
     raise ValueError(f"splitlbi: coupling must be 'outside' or 'momentum', got {coupling!r}.")
 
 
+def direction(transform: Any, *, nesterov: bool, coupling: str) -> None:
+  """``direction`` is an optax transformation and excludes Nesterov and eq. 12's coupling."""
+  if transform is None:
+    return
+  if not (hasattr(transform, "init") and hasattr(transform, "update")):
+    raise ValueError(f"splitlbi: direction must be an optax GradientTransformation "
+                     f"(e.g. optax.scale_by_adam()), got {transform!r}.")
+  if nesterov or coupling != "outside":
+    raise ValueError("splitlbi: with a direction, nesterov must be False and coupling "
+                     "'outside' (the direction replaces the momentum).")
+
+
 def _paths(params: Any) -> list[str]:
   return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 

@@ -15,6 +15,15 @@ decay β, from V₀ = Γ₀ = b₀ = 0, one step of a penalized leaf is
 paper eq. 12, where the coupling gradient (W − Γ)/ν joins g̃ before the
 momentum. Leaves without a penalty get momentum SGD at step κα
 (:func:`sgd_leaf_step`).
+
+With ``direction`` (any optax transformation, e.g. ``optax.scale_by_adam()``;
+AdaBreg, Bungert et al., JMLR 2022, for Adam-preconditioned Bregman iterations)
+the loss gradient's direction d replaces the momentum, and weight decay is
+decoupled as in AdamW::
+
+    d  = direction(∇L(W))                     e.g. m̂/(√v̂ + ε)
+    W' = W − κα·(d + β·W) − (κα/ν)·(W − Γ)     coupling outside the preconditioner
+    V' = V − (α/ν)·(Γ − W),   Γ' = κ·Prox_{λΩ}(V')
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ class SplitLBIState(NamedTuple):
       leaf order (float32 vector), as used by the last update.
     penalty: the :class:`~optax_splitlbi.penalties.LeafPenalty` group layout of
       every leaf (``None`` if unpenalized). Static: holds no arrays.
+    direction: with ``splitlbi(direction=...)``, that transformation's state
+      (``momentum`` then holds the last step direction d + β·W); else ``None``.
   """
 
   count: jax.Array
@@ -68,6 +79,7 @@ class SplitLBIState(NamedTuple):
   kappa: jax.Array
   threshold: jax.Array
   penalty: Any
+  direction: Any = None
 
 
 class Hyperparams(NamedTuple):
@@ -292,6 +304,7 @@ def splitlbi(
     state_dtype: Optional[jnp.dtype] = None,
     param_specs: Any = None,
     xla_cpu_form: str = "auto",
+    direction: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Split Linearized Bregman Iteration (Fu et al., "Exploring Structural
   Sparsity of Deep Networks via Inverse Scale Spaces", TPAMI 2022; eqs. 4, 12-14).
@@ -340,6 +353,12 @@ def splitlbi(
       ``"buffered"``), ``"buffered"``, ``"fused"`` or ``"equations"`` (exactly
       what GPU and TPU run). All give the same numbers to float rounding; see
       :mod:`optax_splitlbi._xla_cpu`.
+    direction: an optax transformation giving the loss gradient's step
+      direction d (e.g. ``optax.scale_by_adam()``, AdaBreg's preconditioner):
+      W' = W − κα·(d + β·W) − (κα/ν)·(W − Γ), weight decay decoupled as in
+      AdamW, on every leaf; ``momentum`` and ``nesterov`` do not apply (the
+      direction keeps its own state) and ``coupling`` must be ``"outside"``.
+      ``None`` (default): the paper's momentum update.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -347,6 +366,7 @@ def splitlbi(
   """
   _checks.hyperparameters(learning_rate=learning_rate, kappa=kappa, nu=nu, lam=lam,
                           momentum=momentum, weight_decay=weight_decay, coupling=coupling)
+  _checks.direction(direction, nesterov=nesterov, coupling=coupling)
   steps = _leaf_steps(_xla_cpu.resolve_form(xla_cpu_form), nesterov, coupling)
   decay_mask = weight_decay_mask if weight_decay_mask is not None else _default_decay_mask
 
@@ -360,7 +380,8 @@ def splitlbi(
         **{k: None if x is None else treedef.unflatten(x) for k, x in arrays.items()},
         kappa=_scalar_copy(kappa),
         threshold=_threshold_vector(_thresholds(resolved, layouts, lam)),
-        penalty=treedef.unflatten(layouts))
+        penalty=treedef.unflatten(layouts),
+        direction=None if direction is None else direction.init(params))
 
   def update_fn(updates, state: SplitLBIState, params=None, **extra_args):
     del extra_args
@@ -368,11 +389,20 @@ def splitlbi(
     alpha = learning_rate(state.count) if callable(learning_rate) else learning_rate
     h = Hyperparams(alpha=alpha, kappa=kappa, nu=nu, momentum=momentum, weight_decay=None,
                     count=state.count)
-    leaves, thresholds = _flatten(updates, state, params, penalty=penalty, lam=lam,
+    stepped = state
+    if direction is not None:  # d = direction(∇L) replaces b' = τ·b + ∇L: τ = 0, b = 0
+      updates, direction_state = direction.update(updates, state.direction, params)
+      h = h._replace(momentum=0.0)
+      stepped = state._replace(momentum=jax.tree.map(lambda b: jnp.zeros((), b.dtype),
+                                                     state.momentum))
+    leaves, thresholds = _flatten(updates, stepped, params, penalty=penalty, lam=lam,
                                   weight_decay=weight_decay, decay_mask=decay_mask,
                                   param_specs=param_specs)
     new = shrink_members([_leaf_update(leaf, h, steps) for leaf in leaves], h)
-    return _unflatten(new, state, params, kappa=kappa, thresholds=thresholds)
+    updates, new_state = _unflatten(new, state, params, kappa=kappa, thresholds=thresholds)
+    if direction is not None:
+      new_state = new_state._replace(direction=direction_state)
+    return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -372,6 +372,13 @@ def _dot_general(g, prog, k, op):
   if dep_l and dep_r:
     for a in lc:
       g.lock(ld[a], "activations", f"contracted between two activations at {op.where!r}")
+    # A free dim of one activation is multiplied by the other, input-dependent one:
+    # its channel is not constant when its producers are pruned (a GQA query head
+    # whose q is pruned still averages its group's values). Batch dims are shared
+    # (both operands' producers are the channel's), so they keep that route.
+    for dims, free in ((ld, lfree), (rd, rfree)):
+      for d in free:
+        _unprunable(g, dims[d], op, "multiplied by another activation (dot_general)")
   elif dep_l != dep_r:
     act, w = (0, 1) if dep_l else (1, 0)
     wc, wb, wfree = (rc, rb, rfree) if w == 1 else (lc, lb, lfree)
