@@ -173,7 +173,10 @@ def parse_junit(path: str) -> dict | None:
   counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
   failures = []
   for case in root.iter("testcase"):
-    name = f"{case.get('classname', '')}::{case.get('name', '')}"
+    # The module's own name: pytest prefixes the path from its rootdir, which depends on
+    # where the repository and the test files are (e.g. a clone under /tmp).
+    module = case.get("classname", "").rsplit(".", 1)[-1]
+    name = f"{module}::{case.get('name', '')}"
     tags = {child.tag for child in case}
     if "failure" in tags:
       counts["failed"] += 1
