@@ -343,3 +343,16 @@ def test_round_to_must_be_a_positive_int(bad):
   v, masks, x = _setup_two_convs(rng)
   with pytest.raises(ValueError, match="round_to"):
     sl.slim(two_convs("VALID"), v, masks, x, round_to=bad)
+
+
+def test_mask_keys_that_name_no_variable_are_errors():
+  import jax.numpy as jnp
+  import optax_splitlbi as sl
+  variables = {"w": jnp.ones((3, 2))}
+  apply = lambda v, x: x @ v["w"]  # noqa: E731
+  x = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="'u' is not a variable"):
+    sl.slim(apply, variables, {"u": None}, x)
+  with pytest.raises(ValueError, match="'u' is not a variable"):
+    sl.slim(apply, variables, {"w": None, "u": None}, x)
+  sl.slim(apply, variables, {"w": None}, x, count_flops=False)  # None: unmasked

@@ -87,12 +87,15 @@ def leaf_masks(variables: Any, masks: Any) -> dict[int, np.ndarray]:
   prefix = _mask_prefix(variables, masks)
   out = {}
   for path, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]:
-    if m is None:
-      continue
     name = _strip_value(prefix + jax.tree_util.keystr(path, simple=True, separator="/"))
-    if name not in index:
+    if name not in index and not any(n.startswith(name + "/") for n in index):
       raise ValueError(f"masks: leaf {name!r} is not a variable of the model; the masks "
                        f"must have the params' tree structure (variables: {names[:6]}...).")
+    if m is None:
+      continue
+    if name not in index:
+      raise ValueError(f"masks: {name!r} is a subtree of the variables, not a leaf; give "
+                       "its leaves masks (or None).")
     shape = np.shape(leaves[index[name]])
     m = np.asarray(m)
     if m.ndim != len(shape) or any(a not in (1, b) for a, b in zip(m.shape, shape)):
