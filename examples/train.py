@@ -149,7 +149,8 @@ def make_optimizer(config: Config, steps_per_epoch: int, model=None,
     return slbi.splitlbi(
         schedule, kappa=config.kappa, nu=config.nu, lam=config.lam, momentum=config.momentum,
         nesterov=config.nesterov, weight_decay=config.weight_decay,
-        penalty=make_penalty(config, model, image_shape), coupling=config.coupling)
+        penalty=make_penalty(config, model, image_shape), coupling=config.coupling,
+        direction=_direction(config))
   if config.optimizer == "sgd":
     # PyTorch semantics: decay (every parameter) is added to the gradient first.
     return optax.chain(
@@ -159,7 +160,18 @@ def make_optimizer(config: Config, steps_per_epoch: int, model=None,
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay) if config.weight_decay else optax.identity(),
         optax.adam(schedule))
-  raise ValueError(f"optimizer must be splitlbi, sgd or adam, got {config.optimizer!r}.")
+  if config.optimizer == "adamw":  # decoupled weight decay
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+  raise ValueError(f"optimizer must be splitlbi, sgd, adam or adamw, got {config.optimizer!r}.")
+
+
+def _direction(config: Config) -> Optional[optax.GradientTransformation]:
+  """SplitLBI's W direction: the paper's momentum, or Adam's m̂/(√v̂ + ε) (AdaBreg-style)."""
+  if config.direction == "momentum":
+    return None
+  if config.direction == "adam":
+    return optax.scale_by_adam()
+  raise ValueError(f"direction must be 'momentum' or 'adam', got {config.direction!r}.")
 
 
 # ------------------------------------------------------------------------- sparsity

@@ -29,7 +29,8 @@ class Config:
   model: str = "digits_cnn"
   model_kwargs: tuple = ()         # ((name, value), ...) extra module attributes
   # optimizer
-  optimizer: str = "splitlbi"      # splitlbi | sgd | adam
+  optimizer: str = "splitlbi"      # splitlbi | sgd | adam | adamw
+  direction: str = "momentum"      # splitlbi's W direction: momentum (paper) | adam
   learning_rate: float = 0.1
   momentum: float = 0.9            # 0: the "Naive" variants
   nesterov: bool = False
