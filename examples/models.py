@@ -26,7 +26,13 @@ name               architecture                                 paper
 ``vgg16``          VGG-16 with BatchNorm (CIFAR variant)        Tables 2-5, Fig. 5
 ``resnet18``       ImageNet ResNet-18                           Table 1, Fig. 2
 ``resnet50``       ImageNet ResNet-50 (bottleneck)              Fig. 5 (Lasso)
+``vit``            ViT, 4×4 patches, d 64, 4 blocks × 4 heads   (transformer slimming)
 =================  ==========================================  =====================
+
+Also here (not registered): :class:`GPT`, a decoder-only byte-level language model
+(int tokens in, logits out), and :func:`attend` / :class:`GQAttention`, grouped-query
+attention with the heads as tensor axes; the NNX GPT is in
+``examples/transformers_nnx.py``.
 """
 
 from __future__ import annotations
@@ -342,6 +348,192 @@ class ImageNetResNet(nn.Module):
     return _resnet_resized(self, shapes, "conv_init")
 
 
+
+# ------------------------------------------------------------------- transformers
+
+
+def attend(q, k, v, causal: bool = False):
+  """Grouped-query dot-product attention with the heads as real tensor axes.
+
+  The ``H = K·G`` query heads are split into ``K`` groups of ``G``, group ``k``
+  attending with key / value head ``k`` (an einsum over the group axis, no
+  ``repeat`` of the key / value heads), so the slimming analysis sees which
+  query heads a key / value head serves. ``K = H`` is multi-head attention.
+
+  Args:
+    q: queries (batch, T, H, D).
+    k: keys (batch, S, K, D), ``K`` dividing ``H``.
+    v: values (batch, S, K, Dv).
+    causal: position ``t`` attends to positions ``≤ t`` only (needs ``S = T``).
+
+  Returns:
+    The heads' outputs (batch, T, H, Dv).
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, d)
+  s = jnp.einsum("btkgd,bskd->bkgts", q, k) * (d ** -0.5)
+  if causal:
+    s = jnp.where(jnp.tril(jnp.ones((t, k.shape[1]), bool)), s, jnp.finfo(s.dtype).min)
+  w = nn.softmax(s, axis=-1)
+  return jnp.einsum("bkgts,bskd->btkgd", w, v).reshape(b, t, h, v.shape[-1])
+
+
+class GQAttention(nn.Module):
+  """Self-attention with ``num_kv_heads`` key / value heads shared by groups of
+  ``num_heads // num_kv_heads`` query heads (GQA; ``None``: ``num_heads``).
+
+  Projections ``query`` (d, H, D), ``key`` / ``value`` (d, K, D) and ``out``
+  (H, Dv, d) are ``DenseGeneral`` so a head is an axis of every kernel.
+  ``v_head_dim`` (default ``head_dim``) is the value heads' width (slimming may
+  cut it where the output projection ignores some value dims).
+  """
+
+  num_heads: int
+  head_dim: int
+  num_kv_heads: Optional[int] = None
+  v_head_dim: Optional[int] = None
+  causal: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    kv = self.num_kv_heads or self.num_heads
+    q = nn.DenseGeneral((self.num_heads, self.head_dim), name="query")(x)
+    k = nn.DenseGeneral((kv, self.head_dim), name="key")(x)
+    v = nn.DenseGeneral((kv, self.v_head_dim or self.head_dim), name="value")(x)
+    return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out")(attend(q, k, v, self.causal))
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LayerNorm block: ``x + attn(ln1(x))``, then ``x + mlp_out(gelu(mlp_in(ln2(x))))``."""
+
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  num_kv_heads: Optional[int] = None
+  v_head_dim: Optional[int] = None
+  causal: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + GQAttention(self.num_heads, self.head_dim, self.num_kv_heads, self.v_head_dim,
+                        self.causal, name="attn")(nn.LayerNorm(name="ln1")(x))
+    y = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(nn.LayerNorm(name="ln2")(x)))
+    return x + nn.Dense(x.shape[-1], name="mlp_out")(y)
+
+
+def _blocks(module, x, causal: bool):
+  """The ``depth`` blocks of a ViT / GPT at its (per-block, slim) widths."""
+  for i in range(module.depth):
+    pick = lambda widths, default: default if widths is None else widths[i]  # noqa: E731
+    x = TransformerBlock(
+        pick(module.block_heads, module.num_heads), module.head_dim,
+        pick(module.block_mlp, module.mlp_dim),
+        pick(module.block_kv_heads, module.num_kv_heads),
+        pick(module.block_v_dims, module.head_dim), causal, name=f"block_{i}")(x)
+  return x
+
+
+def _transformer_resized(module, shapes: Any):
+  """A ViT / GPT clone with the per-block head counts and MLP widths of ``shapes``."""
+  attn = [shapes[f"block_{i}"]["attn"] for i in range(module.depth)]
+  return module.clone(block_heads=tuple(int(a["query"]["kernel"][1]) for a in attn),
+                      block_kv_heads=tuple(int(a["key"]["kernel"][1]) for a in attn),
+                      block_v_dims=tuple(int(a["value"]["kernel"][2]) for a in attn),
+                      block_mlp=tuple(_out(shapes[f"block_{i}"], "mlp_in")
+                                      for i in range(module.depth)))
+
+
+class ViT(nn.Module):
+  """Vision Transformer (Dosovitskiy et al. 2021), pre-LayerNorm, GQA-capable.
+
+  ``patch``×``patch`` patches embedded by a conv (kernel = stride = patch), a
+  class token (``pool="cls"``) or the mean of the tokens (``pool="mean"``),
+  learned position embeddings, ``depth`` blocks, a final LayerNorm, a dense head.
+
+  Attributes:
+    num_classes, patch, d_model, depth, num_heads, head_dim, mlp_dim, pool.
+    num_kv_heads: key / value heads (GQA); ``None``: ``num_heads``.
+    block_heads, block_kv_heads, block_v_dims, block_mlp: slim query heads, key
+      / value heads, value head widths and MLP widths per block (``None``: the
+      nominal ones); set by ``resized``.
+  """
+
+  num_classes: int = 10
+  patch: int = 4
+  d_model: int = 64
+  depth: int = 4
+  num_heads: int = 4
+  head_dim: int = 16
+  mlp_dim: int = 128
+  num_kv_heads: Optional[int] = None
+  pool: str = "cls"
+  block_heads: Optional[Sequence[int]] = None
+  block_kv_heads: Optional[Sequence[int]] = None
+  block_v_dims: Optional[Sequence[int]] = None
+  block_mlp: Optional[Sequence[int]] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    p = self.patch
+    x = nn.Conv(self.d_model, (p, p), (p, p), padding="VALID", name="embed")(x)
+    x = x.reshape((x.shape[0], -1, self.d_model))
+    if self.pool == "cls":
+      cls = self.param("cls", nn.initializers.zeros_init(), (1, 1, self.d_model))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.d_model)), x], axis=1)
+    pos = self.param("pos", nn.initializers.normal(0.02), x.shape[1:])
+    x = nn.LayerNorm(name="ln_f")(_blocks(self, x + pos, causal=False))
+    x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
+    return nn.Dense(self.num_classes, name="head")(x)
+
+  def resized(self, shapes: Any) -> "ViT":
+    return _transformer_resized(self, shapes)
+
+
+class GPT(nn.Module):
+  """Decoder-only (GPT-style) language model over tokens (bytes: ``vocab=256``).
+
+  Token embedding + learned positions (``context`` of them), ``depth`` causal
+  pre-LayerNorm blocks, a final LayerNorm and the logits: ``embed.attend``
+  (``tied=True``) or a dense ``head`` without bias. Input: int tokens
+  (batch, T ≤ context); output: logits (batch, T, vocab).
+
+  Attributes:
+    vocab, context, d_model, depth, num_heads, head_dim, mlp_dim, tied.
+    num_kv_heads, block_heads, block_kv_heads, block_v_dims, block_mlp: as
+      :class:`ViT`.
+  """
+
+  vocab: int = 256
+  context: int = 128
+  d_model: int = 64
+  depth: int = 4
+  num_heads: int = 4
+  head_dim: int = 16
+  mlp_dim: int = 256
+  num_kv_heads: Optional[int] = None
+  tied: bool = True
+  block_heads: Optional[Sequence[int]] = None
+  block_kv_heads: Optional[Sequence[int]] = None
+  block_v_dims: Optional[Sequence[int]] = None
+  block_mlp: Optional[Sequence[int]] = None
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = True):
+    del train
+    embed = nn.Embed(self.vocab, self.d_model, name="embed")
+    pos = self.param("pos", nn.initializers.normal(0.02), (self.context, self.d_model))
+    x = embed(tokens) + pos[:tokens.shape[1]]
+    x = nn.LayerNorm(name="ln_f")(_blocks(self, x, causal=True))
+    if self.tied:
+      return embed.attend(x)
+    return nn.Dense(self.vocab, use_bias=False, name="head")(x)
+
+  def resized(self, shapes: Any) -> "GPT":
+    return _transformer_resized(self, shapes)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": DigitsCNN,
     "lenet5": LeNet5,
@@ -356,6 +548,9 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet34": functools.partial(ImageNetResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock),
     "resnet50": functools.partial(ImageNetResNet, stage_sizes=(3, 4, 6, 3),
                                   block=BottleneckBlock),
+    # 28×28×1 Fashion-MNIST: 7×7 patches of 4×4, d_model 64, 4 blocks of 4 heads.
+    "vit": functools.partial(ViT, patch=4, d_model=64, depth=4, num_heads=4, head_dim=16,
+                             mlp_dim=128),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -438,8 +438,10 @@ def _opaque(g: DimGraph, prog: Program, op: Op) -> None:
 
 def _trace_leaf(g: DimGraph, prog: Program, op: Op) -> None:
   """Follows a variable leaf through layout ops (for kernel sites and biases)."""
+  if op.name not in LAYOUT or not op.inputs:  # (iota and other nullary ops have none)
+    return
   src = op.inputs[0]
-  if op.name not in LAYOUT or isinstance(src, Lit) or src not in g.leaf_of:
+  if isinstance(src, Lit) or src not in g.leaf_of:
     return
   leaf, axes = g.leaf_of[src]
   in_shape, out_shape = prog.shapes[src], prog.shapes[op.outputs[0]]
