@@ -15,6 +15,8 @@ Studies (docs/results.md has their outputs, commands and timings):
 ``lottery``        Fig. 5: early supp Γ retrained vs random and magnitude masks
 ``path``           Fig. 1: filter solution path of LeNet-5 (κ = 10), filters
 ``sensitivity``    initialisations, the largest stable rate, warm-up
+``groups``         issue 17: per-leaf filter groups vs groups spanning layers
+                   (ResNet-56: accuracy, FLOPs, CPU latency, matched FLOPs)
 =================  ===========================================================
 
 Each study writes ``<out>/<study>/table.md`` (tables, mean ± sd over seeds,
@@ -37,7 +39,7 @@ from typing import Optional
 from examples.configs.fashion import DATASET
 from examples.studies import common
 
-STUDIES = ("sensitivity", "table1", "kappa_nu", "lottery", "path")
+STUDIES = ("sensitivity", "table1", "kappa_nu", "lottery", "path", "groups")
 
 
 def _module(name: str):

@@ -76,7 +76,7 @@ def test_parse_junit_and_verbose_log(tmp_path):
   path.write_text(JUNIT)
   r = device_check.parse_junit(str(path))
   assert (r["passed"], r["failed"], r["errors"], r["skipped"]) == (2, 1, 1, 1)
-  assert r["failures"] == ["tests.test_a::test_bad", "tests.test_b::test_err"]
+  assert r["failures"] == ["test_a::test_bad", "test_b::test_err"]  # module basename
   assert device_check.parse_junit(str(tmp_path / "missing.xml")) is None
   log = ("tests/t.py::test_a PASSED [ 33%]\ntests/t.py::test_b[1-x] FAILED [ 66%]\n"
          "tests/t.py::test_c ERROR [100%]\nsomething PASSED\n"
