@@ -24,7 +24,8 @@ from optax_splitlbi.retrain import apply_masks, masked_updates
 from optax_splitlbi.transform import SplitLBIState, splitlbi
 from optax_splitlbi.slimming import (SlimModel, channel_groups, channel_groups_nnx,
                                      coupled_channels, format_slim_report, slim, slim_linen,
-                                     slim_nnx)
+                                     slim_nnx, WideModel, widen, widen_linen, widen_nnx,
+                                     widen_state, old_entries)
 
 __version__ = "0.1.0"
 
@@ -45,4 +46,6 @@ __all__ = [
     "apply_masks", "masked_updates",
     # physical slimming: a smaller network from the masks
     "slim", "slim_linen", "slim_nnx", "SlimModel", "coupled_channels", "format_slim_report",
+    # widening (growing networks): more channels, the same function
+    "widen", "widen_linen", "widen_nnx", "widen_state", "old_entries", "WideModel",
 ]

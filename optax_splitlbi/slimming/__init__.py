@@ -7,6 +7,7 @@ values into the next biases, and returns the slim variables plus a jitted slim
 forward function. ``slim_linen`` / ``slim_nnx`` also rebuild the module.
 ``channel_groups`` turns the same analysis into a SplitLBI penalty whose groups
 are the removable channels (one group lasso across every layer of a channel).
+``widen`` is the inverse: more channels, the same function (growing networks).
 See docs/slimming.md.
 """
 
@@ -14,6 +15,8 @@ from optax_splitlbi.slimming.api import SlimModel, coupled_channels, leaf_masks,
 from optax_splitlbi.slimming.frameworks import slim_linen, slim_nnx
 from optax_splitlbi.slimming.groups import channel_groups, channel_groups_nnx
 from optax_splitlbi.slimming.report import format_slim_report
+from optax_splitlbi.slimming.widen import WideModel, widen, widen_linen, widen_nnx, widen_state, old_entries
 
 __all__ = ["SlimModel", "channel_groups", "channel_groups_nnx", "coupled_channels",
-           "format_slim_report", "leaf_masks", "slim", "slim_linen", "slim_nnx"]
+           "format_slim_report", "leaf_masks", "slim", "slim_linen", "slim_nnx", "WideModel",
+           "widen", "widen_linen", "widen_nnx", "widen_state", "old_entries"]

@@ -44,7 +44,7 @@ def _strip_value(name: str) -> str:
   return name[:-len("/value")] if name.endswith("/value") else name
 
 
-def _params_of(variables: Any) -> _Params:
+def params_of(variables: Any) -> _Params:
   """The params leaves of ``variables`` (Linen / NNX: ``variables["params"]``)."""
   nested = isinstance(variables, Mapping) and "params" in variables
   paths, order = {}, {}
@@ -139,24 +139,34 @@ def _class_name(path: str, taken: set) -> str:
 def _build(cls: plan_lib.Classes, prog, params: _Params, consumers: bool, lam: Optional[float],
            normalized: bool, rest: Any, attached: bool) -> penalties_lib.ChannelGroups:
   """The :class:`ChannelGroups` of a traced network (see :func:`channel_groups`)."""
-  cand = _candidates(cls, params)
-  extra = _attached(cls, prog, params, cand) if attached else {}
-  members = _assign(cand, extra, cls.size, params)
-  owner = {k: (r, axis) for r, pairs in members.items() for k, axis, _ in pairs}
+  members = named_classes(cls, prog, params, attached)
+  owner = {k: (r, axis) for r, (_, pairs) in members.items() for k, axis, _ in pairs}
   penalized = []
   if consumers:
     penalized = jax.tree.leaves(penalties_lib.resolve_penalties(rest, params.tree),
                                 is_leaf=lambda x: x is None)
-  taken: set = set()
   classes = []
-  for r, pairs in members.items():
-    first = next(k for k, _, produces in pairs if produces)
+  for r, (name, pairs) in members.items():
     extra = _norm_only(cls, r, owner, penalized, params) if consumers else []
     classes.append(penalties_lib.GroupClass(
-        _class_name(params.paths[first], taken), int(cls.size[r]),
-        tuple((params.paths[k], axis) for k, axis, _ in pairs),
+        name, int(cls.size[r]), tuple((params.paths[k], axis) for k, axis, _ in pairs),
         tuple((params.paths[k], axis) for k, axis in extra), lam, normalized))
   return penalties_lib.ChannelGroups(tuple(classes), rest)
+
+
+def named_classes(cls: plan_lib.Classes, prog, params: _Params, attached: bool = True) -> dict:
+  """root → (name, member ``(leaf, axis, produces)`` triples) of every removable class,
+  named after the module of its first producing leaf (the names of
+  :func:`channel_groups`, which :func:`~optax_splitlbi.widen` also takes)."""
+  cand = _candidates(cls, params)
+  extra = _attached(cls, prog, params, cand) if attached else {}
+  members = _assign(cand, extra, cls.size, params)
+  taken: set = set()
+  out = {}
+  for r, pairs in members.items():
+    first = next(k for k, _, produces in pairs if produces)
+    out[r] = (_class_name(params.paths[first], taken), pairs)
+  return out
 
 
 def channel_groups(apply_fn: Callable[[Any, Any], Any], variables: Any, sample_input: Any, *,
@@ -212,7 +222,7 @@ def channel_groups(apply_fn: Callable[[Any, Any], Any], variables: Any, sample_i
     raise ValueError(f"channel_groups: members must be one of {_MEMBERS}, got {members!r}.")
   prog = trace(apply_fn, variables, sample_input)
   cls = plan_lib.group_classes(build_graph(prog))
-  return _build(cls, prog, _params_of(variables), members == "consumers", lam, normalized, rest,
+  return _build(cls, prog, params_of(variables), members == "consumers", lam, normalized, rest,
                 attached)
 
 

@@ -207,29 +207,39 @@ def round_up(removed: dict, round_to: int) -> dict:
 
 def keep_indices(cls: Classes, removed: dict) -> dict:
   """root → sorted kept indices, for the atomic classes and every composite."""
-  keep: dict = {r: np.flatnonzero(~rm) for r, rm in removed.items()}
+  return compose_indices(cls, {r: np.flatnonzero(~rm) for r, rm in removed.items()},
+                         lambda r: cls.size[r])
+
+
+def compose_indices(cls: Classes, atomic: dict, size) -> dict:
+  """root → indices for every class: ``atomic`` gives those of some atomic classes
+  (others: all of theirs); a composite's are made of its pieces' (products of
+  indices, or each segment's at its offset), in a layout where class ``r`` has
+  ``size(r)`` entries (the dense sizes when slimming, the wide ones when widening).
+  The one place that says how a composite's indices follow from its pieces'."""
+  out: dict = dict(atomic)
 
   def get(r: int) -> np.ndarray:
-    if r in keep:
-      return keep[r]
+    if r in out:
+      return out[r]
     cis = cls.coarse_of.get(r, ())
     if not cis or len({cls.composites[ci].parts for ci in cis}) > 1:
-      keep[r] = np.arange(cls.size[r])
-      return keep[r]
+      out[r] = np.arange(cls.size[r])
+      return out[r]
     comp = cls.composites[cis[0]]
     parts = [get(p) for p in comp.parts]
     if comp.kind == "segment":
-      offsets = np.cumsum([0] + [cls.size[p] for p in comp.parts[:-1]])
-      keep[r] = np.concatenate([o + k for o, k in zip(offsets, parts)])
+      offsets = np.cumsum([0] + [size(p) for p in comp.parts[:-1]])
+      out[r] = np.concatenate([o + k for o, k in zip(offsets, parts)])
     else:
-      sizes = [cls.size[p] for p in comp.parts]
       grids = np.meshgrid(*parts, indexing="ij")
-      keep[r] = np.ravel_multi_index(grids, sizes).reshape(-1) if parts else np.arange(1)
-    return keep[r]
+      sizes = [size(p) for p in comp.parts]
+      out[r] = np.ravel_multi_index(grids, sizes).reshape(-1) if parts else np.arange(1)
+    return out[r]
 
   for r in list(cls.size):
     get(r)
-  return keep
+  return out
 
 
 def atomic_indices(cls: Classes, r: int, i: int) -> list[tuple[int, int]]:
