@@ -78,7 +78,7 @@ class Config:
     return dataclasses.replace(self, **kw)
 
 
-def _parse_value(text: str, annotation: Any, current: Any) -> Any:
+def _parse_value(text: str, annotation: Any, current: Any, cls: type = None) -> Any:
   if text in ("None", "none", "null"):
     return None
   try:
@@ -87,7 +87,7 @@ def _parse_value(text: str, annotation: Any, current: Any) -> Any:
     value = text
   target = type(current) if current is not None else None
   if target is None:
-    args = [a for a in typing.get_args(typing.get_type_hints(Config).get(annotation, type(None)))]
+    args = [a for a in typing.get_args(typing.get_type_hints(cls or Config).get(annotation, type(None)))]
     target = next((a for a in args if a is not type(None)), None)
   if target is bool and isinstance(value, str):
     if value.lower() in ("true", "yes", "1"):
@@ -103,13 +103,14 @@ def _parse_value(text: str, annotation: Any, current: Any) -> Any:
   return value
 
 
-def apply_overrides(config: Config, overrides: list[str]) -> Config:
-  """Applies ``["epochs=3", "nu=100", "optimizer=sgd"]`` to ``config``.
+def apply_overrides(config: Any, overrides: list[str]) -> Any:
+  """Applies ``["epochs=3", "nu=100", "optimizer=sgd"]`` to ``config`` (a
+  :class:`Config` or another dataclass, e.g. ``examples.grow.Growth``).
 
   Raises:
     ValueError: for an unknown field or a malformed ``key=value``.
   """
-  names = {f.name for f in dataclasses.fields(Config)}
+  names = {f.name for f in dataclasses.fields(config)}
   changes = {}
   for item in overrides:
     if "=" not in item:
@@ -118,5 +119,5 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     key = key.strip()
     if key not in names:
       raise ValueError(f"--set: unknown config field {key!r}; fields: {', '.join(sorted(names))}.")
-    changes[key] = _parse_value(text.strip(), key, getattr(config, key))
+    changes[key] = _parse_value(text.strip(), key, getattr(config, key), type(config))
   return dataclasses.replace(config, **changes)
