@@ -220,10 +220,16 @@ def _count(params: Any) -> int:
 
 
 def _flops(net: Net, image_shape: tuple) -> float:
-  """Forward FLOPs of one image at the current widths (XLA's count)."""
-  x = jnp.zeros((1, *image_shape), jnp.float32)
-  fn = jax.jit(lambda v: net.model.apply(v, x, train=False))
-  cost = fn.lower(net.variables).compile().cost_analysis()
+  return forward_flops(net.model, image_shape)
+
+
+def forward_flops(model, image_shape: tuple) -> float:
+  """Forward FLOPs of one image (XLA's count)."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape),
+                                                train=False))
+  fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  cost = fn.lower(variables, x).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0))
 

@@ -16,7 +16,8 @@ Studies (docs/results.md has their outputs, commands and timings):
 ``path``           Fig. 1: filter solution path of LeNet-5 (κ = 10), filters
 ``sensitivity``    initialisations, the largest stable rate, warm-up
 ``groups``         issue 17: per-leaf filter groups vs groups spanning layers
-                   (ResNet-56: accuracy, FLOPs, CPU latency, matched FLOPs)
+                   (ResNet-20: accuracy, FLOPs, CPU latency, matched FLOPs)
+``growth``         issue 19: LeNet-5 grown from narrow vs fixed widths
 =================  ===========================================================
 
 Each study writes ``<out>/<study>/table.md`` (tables, mean ± sd over seeds,
@@ -39,7 +40,7 @@ from typing import Optional
 from examples.configs.fashion import DATASET
 from examples.studies import common
 
-STUDIES = ("sensitivity", "table1", "kappa_nu", "lottery", "path", "groups")
+STUDIES = ("sensitivity", "table1", "kappa_nu", "lottery", "path", "groups", "growth")
 
 
 def _module(name: str):

@@ -174,6 +174,9 @@ def test_fashion_configs_follow_table1_variants():
     ("kappa_nu", ["| κ | ν | α |", "best W on supp Γ"]),
     ("path", ["Conv_1"]),
     ("sensitivity", ["Dead runs out of seeds", "largest stable lr", "larger ν"]),
+    ("groups", ["| cross-leaf channel groups | 6 |", "pruned filters kept back",
+                "(a) BatchNorm scale / shift", "| consumers | 4 |"]),
+    ("growth", ["| grow/preserve |", "| grow/official |", "| fixed/full | 6 / 16 / 120 / 84 |"]),
 ])
 def test_every_study_runs_in_smoke_mode(idx_dir, tmp_path, name, expect):
   out = str(tmp_path / "out")
