@@ -17,6 +17,7 @@ PAGES = {
                         "dense_neurons", "attention_heads", "channel_groups", "slim"]),
     "slimming.md": (4, ["slim", "slim_linen", "slim_nnx", "format_slim_report",
                         "coupled_channels"]),
+    "growing.md": (2, ["widen_linen", "widen_state", "old_entries", "channel_groups"]),
 }
 
 

@@ -227,3 +227,30 @@ def test_widen_state_adam_and_sharded_leaves():
   assert out[0].mu["Conv_0"]["kernel"].sharding == rep
   with pytest.raises(ValueError, match="same tree structure"):
     sl.widen_state(wide, state, optax.sgd(0.1, momentum=0.9).init(wide.variables["params"]))
+
+
+def test_orbax_resume_across_a_growth_step(tmp_path):
+  """Saved after widening, restored into a target of the widened shapes (what a
+  resumed run rebuilds from its recorded widths), the run continues identically."""
+  import orbax.checkpoint as ocp
+  m, v, x = _resnet()
+  y = jnp.arange(4) % 10
+  tx = sl.splitlbi(0.05, kappa=2.0, nu=1.0, lam=0.05, momentum=0.9, record_path=True)
+  params, state = _steps(tx, _loss(m, v, x, y), v["params"], tx.init(v["params"]), 2)
+  wide = sl.widen_linen(m, {**v, "params": params}, {"BasicBlock_3/Conv_0": 3}, x,
+                        key=jax.random.key(3), train=False)
+  wstate = sl.widen_state(wide, state, tx.init(wide.variables["params"]))
+  tree = {"params": wide.variables["params"], "opt_state": wstate}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "grown", tree)
+  rebuilt = wide.module   # a resumed run rebuilds the module from its widths
+  abstract = jax.eval_shape(lambda: {"params": rebuilt.init(jax.random.key(0), x,
+                                                            train=False)["params"]})
+  abstract["opt_state"] = jax.eval_shape(tx.init, abstract["params"])
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(tmp_path / "grown", abstract)
+  grad = _loss(wide.module, wide.variables, x, y)
+  want, want_state = _steps(tx, grad, tree["params"], wstate, 1)
+  got, got_state = _steps(tx, grad, restored["params"], restored["opt_state"], 1)
+  jax.tree.map(np.testing.assert_array_equal, (got, sl.find_state(got_state).v),
+               (want, sl.find_state(want_state).v))
