@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -95,6 +96,26 @@ def _nnx_features(module) -> None:
       module.num_kv_heads = module.key.kernel.shape[1]
 
 
+def nnx_functional(model) -> tuple[Callable, dict, Callable]:
+  """An NNX module as ``(apply_fn, variables, rebuild)``: ``apply_fn(v, x)`` calls the
+  module merged from ``v = {"params": State, "rest": State}`` (every Variable), and
+  ``rebuild(v)`` makes a new module of them with its layer attributes set from the
+  new shapes (the form slimming, widening and ``channel_groups`` trace)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def apply_fn(v, x):
+    return nnx.merge(graphdef, v["params"], v["rest"])(x)
+
+  def rebuild(v):
+    new = nnx.merge(graphdef, v["params"], v["rest"])
+    for _, module in nnx.iter_modules(new):
+      _nnx_features(module)
+    return new
+
+  return apply_fn, {"params": params, "rest": rest}, rebuild
+
+
 def slim_nnx(model, masks: Any, sample_input: Any, *, inexact: str = "fold",
              count_flops: bool = True, verify: bool = True, round_to: int = 1) -> SlimModel:
   """:func:`slim` for a Flax NNX module: a new module with the slim arrays.
@@ -119,16 +140,10 @@ def slim_nnx(model, masks: Any, sample_input: Any, *, inexact: str = "fold",
     ``variables`` are ``{"params": State, "rest": State}``.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def apply_fn(v, x):
-    return nnx.merge(graphdef, v["params"], v["rest"])(x)
-
-  res = slim(apply_fn, {"params": params, "rest": rest}, masks, sample_input,
+  apply_fn, variables, rebuild = nnx_functional(model)
+  res = slim(apply_fn, variables, masks, sample_input,
              inexact=inexact, count_flops=count_flops, verify=verify, round_to=round_to)
-  new = nnx.merge(graphdef, res.variables["params"], res.variables["rest"])
-  for _, module in nnx.iter_modules(new):
-    _nnx_features(module)
+  new = rebuild(res.variables)
   if not verify:
     return dataclasses.replace(res, module=new)
   probe = sub_batch(sample_input, res.report["batch_resizable"])

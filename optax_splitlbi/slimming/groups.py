@@ -243,12 +243,8 @@ def channel_groups_nnx(model: Any, sample_input: Any, *, members: str = "produce
   Returns:
     A :class:`~optax_splitlbi.penalties.ChannelGroups`.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  graphdef, params, rest_state = nnx.split(model, nnx.Param, ...)
-
-  def apply_fn(v, x):
-    return nnx.merge(graphdef, v["params"], v["rest"])(x)
-
-  return channel_groups(apply_fn, {"params": params, "rest": rest_state}, sample_input,
+  from optax_splitlbi.slimming.frameworks import nnx_functional  # pylint: disable=g-import-not-at-top
+  apply_fn, variables, _ = nnx_functional(model)
+  return channel_groups(apply_fn, variables, sample_input,
                         members=members, lam=lam, normalized=normalized, rest=rest,
                         attached=attached)

@@ -482,16 +482,9 @@ def widen_nnx(model, extra: Mapping[Key, int], sample_input: Any, *, key: jax.Ar
     ``variables`` are ``{"params": State, "rest": State}``.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def apply_fn(v, x):
-    return nnx.merge(graphdef, v["params"], v["rest"])(x)
-
-  res = widen(apply_fn, {"params": params, "rest": rest}, extra, sample_input, key=key,
-              init=init, verify=verify)
-  new = nnx.merge(graphdef, res.variables["params"], res.variables["rest"])
-  for _, module in nnx.iter_modules(new):
-    frameworks._nnx_features(module)  # pylint: disable=protected-access
+  apply_fn, variables, rebuild = frameworks.nnx_functional(model)
+  res = widen(apply_fn, variables, extra, sample_input, key=key, init=init, verify=verify)
+  new = rebuild(res.variables)
   if verify:
     probe = api_lib.sub_batch(sample_input, True)
     frameworks._check_same_outputs(  # pylint: disable=protected-access
