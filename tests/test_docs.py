@@ -15,7 +15,7 @@ PAGES = {
                         "importance_ranks", "importance_scores", "prune_to_sparsity",
                         "apply_masks", "masked_updates", "conv_input_channels",
                         "dense_neurons", "attention_heads", "channel_groups", "slim"]),
-    "slimming.md": (4, ["slim", "slim_linen", "slim_nnx", "format_slim_report",
+    "slimming.md": (7, ["slim", "slim_linen", "slim_nnx", "format_slim_report",
                         "coupled_channels"]),
     "growing.md": (2, ["widen_linen", "widen_state", "old_entries", "channel_groups"]),
 }
