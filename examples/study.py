@@ -18,6 +18,8 @@ Studies (docs/results.md has their outputs, commands and timings):
 ``groups``         issue 17: per-leaf filter groups vs groups spanning layers
                    (ResNet-20: accuracy, FLOPs, CPU latency, matched FLOPs)
 ``growth``         issue 19: LeNet-5 grown from narrow vs fixed widths
+``transformers``   issue 18: heads and MLP neurons of a GPT (``fortunes``,
+                   ``--text``) and a ViT: baselines, path, slim models, controls
 =================  ===========================================================
 
 Each study writes ``<out>/<study>/table.md`` (tables, mean ± sd over seeds,
@@ -40,17 +42,20 @@ from typing import Optional
 from examples.configs.fashion import DATASET
 from examples.studies import common
 
-STUDIES = ("sensitivity", "table1", "kappa_nu", "lottery", "path", "groups", "growth")
+STUDIES = ("sensitivity", "table1", "kappa_nu", "lottery", "path", "groups", "growth",
+           "transformers")
 
 
 def _module(name: str):
   return importlib.import_module(f"examples.studies.{name}")
 
 
-def settings_of(name: str, smoke: bool, seeds: Optional[int]):
-  """The study's full (or smoke) settings, with ``seeds`` overriding its seed count."""
+def settings_of(name: str, smoke: bool, seeds: Optional[int], text: Optional[str] = None):
+  """The study's full (or smoke) settings, with ``seeds`` overriding its seed count and
+  ``text`` its text corpus directory (studies with a ``text_dir``)."""
   s = _module(name).SETTINGS["smoke" if smoke else "full"]
-  return dataclasses.replace(s, seeds=seeds) if seeds else s
+  s = dataclasses.replace(s, seeds=seeds) if seeds else s
+  return dataclasses.replace(s, text_dir=text) if text and hasattr(s, "text_dir") else s
 
 
 def _check_dataset(dataset: str) -> None:
@@ -61,9 +66,9 @@ def _check_dataset(dataset: str) -> None:
 
 
 def run_one(name: str, out: str, *, dataset: str = DATASET, smoke: bool = False,
-            seeds: Optional[int] = None, command: str = "") -> str:
+            seeds: Optional[int] = None, text: Optional[str] = None, command: str = "") -> str:
   """Runs (or resumes) study ``name``; writes ``<out>/<name>/table.md``; its path."""
-  module, settings = _module(name), settings_of(name, smoke, seeds)
+  module, settings = _module(name), settings_of(name, smoke, seeds, text)
   study_dir = os.path.join(out, name)
   t0 = time.time()
   results = common.run_study(module.runs(settings, dataset), os.path.join(study_dir, "runs"),
@@ -91,12 +96,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
   parser.add_argument("--smoke", action="store_true",
                       help="a tiny version (one short epoch, one or two seeds) for tests")
   parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+  parser.add_argument("--text", default=None,
+                      help="text corpus directory of the GPT runs (default "
+                           "/usr/share/games/fortunes, `apt-get install fortunes`)")
   args = parser.parse_args(argv)
   _check_dataset(args.data)
   command = "python -m examples.study " + " ".join(sys.argv[1:] if argv is None else argv)
   names = STUDIES if args.name == "all" else (args.name,)
   written = [run_one(n, args.out, dataset=args.data, smoke=args.smoke, seeds=args.seeds,
-                     command=command) for n in names]
+                     text=args.text, command=command) for n in names]
   for w in written:
     print(w)
   return written

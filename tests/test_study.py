@@ -127,6 +127,17 @@ def idx_dir(tmp_path_factory):
   return str(d)
 
 
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+  """A fortunes-format corpus (fortunes separated by lines holding ``%``)."""
+  d = tmp_path_factory.mktemp("fortunes")
+  rng = np.random.default_rng(0)
+  words = "the old man read a short book about quiet rivers and tall green hills".split()
+  text = "\n%\n".join(" ".join(rng.choice(words, 20)) for _ in range(60))
+  (d / "sayings").write_text(text + "\n")
+  return str(d)
+
+
 def test_lottery_smoke_end_to_end_and_resume(idx_dir, tmp_path, capsys):
   out = str(tmp_path / "out")
   written = study.main(["lottery", "--smoke", "--data", f"idx:{idx_dir}", "--out", out])
@@ -177,10 +188,13 @@ def test_fashion_configs_follow_table1_variants():
     ("groups", ["| cross-leaf channel groups | 6 |", "pruned filters kept back",
                 "(a) BatchNorm scale / shift", "| consumers | 4 |"]),
     ("growth", ["| grow/preserve |", "| grow/official |", "| fixed/full | 6 / 16 / 120 / 84 |"]),
+    ("transformers", ["## GPT on fortunes", "## ViT on Fashion-MNIST", "| splitlbi-adam | 6 |",
+                      "| dense-adamw | 6 | all |", "importance + fine-tune"]),
 ])
-def test_every_study_runs_in_smoke_mode(idx_dir, tmp_path, name, expect):
+def test_every_study_runs_in_smoke_mode(idx_dir, text_dir, tmp_path, name, expect):
   out = str(tmp_path / "out")
-  written = study.main([name, "--smoke", "--data", f"idx:{idx_dir}", "--out", out])
+  written = study.main([name, "--smoke", "--data", f"idx:{idx_dir}", "--out", out,
+                        "--text", text_dir])
   text = open(written[0]).read()
   assert text.startswith(f"# Study `{name}` (smoke)")
   for snippet in expect:

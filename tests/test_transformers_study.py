@@ -1,0 +1,102 @@
+"""The transformer study's structure helpers against hand values and an explicit gate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from examples import models
+from examples.studies import transformers as ts
+
+
+class _Task:
+  """The slice of ``transformers.Task`` the scores read: a tiny GPT and its batches."""
+
+  def __init__(self):
+    self.model = models.GPT(vocab=11, context=8, d_model=8, depth=2, num_heads=2,
+                            head_dim=4, mlp_dim=6)
+    self.sample = jnp.zeros((2, 8), jnp.int32)
+    self.s = ts.Settings(score_batches=3)
+
+  def losses(self, params, batch):
+    logits = self.model.apply({"params": params}, batch["inputs"])
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)
+
+  def batches(self, seed):
+    rng = np.random.default_rng(seed)
+    while True:
+      w = rng.integers(0, 11, (4, 9)).astype(np.int32)
+      yield {"inputs": w[:, :-1], "targets": w[:, 1:]}
+
+
+@pytest.fixture(scope="module")
+def gpt():
+  task = _Task()
+  params = task.model.init(jax.random.key(3), task.sample)["params"]
+  return task, params, _groups(task, params)
+
+
+def _groups(task, params):
+  import optax_splitlbi as sl
+  return sl.channel_groups(lambda v, x: task.model.apply(v, x), {"params": params}, task.sample,
+                           rest=lambda path, leaf: None)
+
+
+def test_classes_are_heads_and_neurons_per_block(gpt):
+  _, _, groups = gpt
+  assert [(c.name, c.size, ts.kind(c)) for c in groups.classes] == [
+      ("block_0/attn/key", 2, "heads"), ("block_0/mlp_in", 6, "neurons"),
+      ("block_1/attn/key", 2, "heads"), ("block_1/mlp_in", 6, "neurons")]
+
+
+def test_masks_of_and_kept_round_trip_and_cover_every_member(gpt):
+  _, params, groups = gpt
+  keep = {"block_0/attn/key": np.array([False, True]), "block_0/mlp_in": np.arange(6) % 2 == 0,
+          "block_1/attn/key": np.array([True, True]), "block_1/mlp_in": np.arange(6) < 1}
+  masks = ts.masks_of(groups, params, keep)
+  back = ts.kept(groups, masks)
+  for name, k in keep.items():
+    np.testing.assert_array_equal(back[name], k)
+  m = masks["block_0"]["attn"]["value"]["kernel"]          # (d, heads, head_dim)
+  assert m.shape == (8, 2, 4) and not m[:, 0].any() and m[:, 1].all()
+  assert masks["block_0"]["mlp_in"]["bias"].tolist() == [True, False] * 3
+  assert masks["block_0"]["mlp_out"]["kernel"] is None and masks["embed"]["embedding"] is None
+
+
+def test_top_completed_and_magnitude_by_hand(gpt):
+  _, params, groups = gpt
+  scores = {"a": np.array([0.1, 0.9, 0.5]), "b": np.array([3.0, 1.0])}
+  picked = ts.top(scores, {"a": 2, "b": 0})
+  assert picked["a"].tolist() == [False, True, True] and picked["b"].tolist() == [False, False]
+  done = ts.completed({"a": np.array([False, False, True]), "b": np.array([False, False])},
+                      scores)
+  assert done["a"].tolist() == [False, False, True] and done["b"].tolist() == [True, False]
+  mag = ts.magnitude_scores(groups, params)["block_1/attn/key"]
+  a = params["block_1"]["attn"]
+  want = [np.sqrt(sum(np.sum(np.asarray(a[n]["kernel"][:, h]) ** 2) + np.sum(
+      np.asarray(a[n]["bias"][h]) ** 2) for n in ("query", "key", "value"))) for h in (0, 1)]
+  np.testing.assert_allclose(mag, want, rtol=1e-6)
+
+
+def test_importance_is_the_gradient_of_a_gate_on_each_head_and_neuron(gpt):
+  """|∂L/∂ξ| with ξ scaling one head's (one neuron's) output rows, computed directly."""
+  task, params, groups = gpt
+  got = ts.importance_scores(task, groups, params, seed=5)
+  batches = task.batches(20_000 + 5)
+  want = {c.name: np.zeros(c.size) for c in groups.classes}
+  for _ in range(task.s.score_batches):
+    batch = next(batches)
+    for c in groups.classes:
+      block = c.name.split("/")[0]
+      layer = ("mlp_out",) if ts.kind(c) == "neurons" else ("attn", "out")
+      for g in range(c.size):
+        def loss(xi, c=c, g=g, block=block, layer=layer):
+          p = jax.tree.map(lambda x: x, params)
+          node = p[block]
+          for name in layer:
+            node = node[name]
+          node["kernel"] = node["kernel"].at[g].multiply(xi)
+          return task.losses(p, batch).mean()
+        want[c.name][g] += abs(float(jax.grad(loss)(1.0))) / task.s.score_batches
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=2e-4, atol=1e-7)
