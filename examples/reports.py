@@ -18,11 +18,13 @@ from examples.configs.base import Config
 from examples.train_steps import TrainState
 
 
-def mask_sparsity_report(masks: dict[str, np.ndarray]) -> dict:
+def mask_sparsity_report(masks: dict[str, np.ndarray], params: Any = None) -> dict:
   """Per-layer density of fixed 0/1 masks (lottery retraining).
 
   Args:
     masks: ``{leaf path: mask}``.
+    params: the parameters; their count goes to ``total["params"]`` (which
+      :func:`optax_splitlbi.format_report` prints).
 
   Returns:
     A report shaped like :func:`optax_splitlbi.sparsity_report`'s (one group
@@ -38,6 +40,8 @@ def mask_sparsity_report(masks: dict[str, np.ndarray]) -> dict:
   nzw = sum(v["nonzero_weights"] for v in layers.values())
   total = dict(weights=w, nonzero_weights=nzw, weight_density=nzw / max(w, 1), groups=w,
                nonzero_groups=nzw, group_density=nzw / max(w, 1))
+  if params is not None:
+    total["params"] = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   return {"layers": layers, "total": total}
 
 

@@ -353,9 +353,8 @@ def epoch_hooks(config: Config, evaluate: Callable, params_sharding: Any,
 
     return [sparse_evaluation, support_sparsity]
   if masks is not None:
-    density = reports.densities(reports.mask_sparsity_report(
-        {k: v for k, v in outputs.flat(masks).items() if v is not None}))
-    return [lambda state: density]
+    kept = {k: v for k, v in outputs.flat(masks).items() if v is not None}
+    return [lambda state: reports.densities(reports.mask_sparsity_report(kept, state.params))]
   return []
 
 
