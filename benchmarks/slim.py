@@ -68,15 +68,15 @@ def search(net: str, steps: int, batch: int = 64, every: int = 100, log=print,
   at the end the same as ``supp:<layer>`` and the ``prune_to_sparsity`` masks at
   50 % / 25 % per layer (``p50:<layer>``, ``p25:<layer>``).
   """
-  from examples import configs, models, train  # pylint: disable=g-import-not-at-top
+  from examples import configs, models, train, train_steps  # pylint: disable=g-import-not-at-top
   config = configs.get_config(f"lottery/{net}/search").replace(conv_lam=CONV_LAM)
   model = models.get_model(config.model, 10)
   tx = train.make_optimizer(config, steps_per_epoch=steps)
   x, y = cifar_shaped(steps * batch, data=data)
   variables = jax.jit(lambda: model.init(jax.random.key(0, impl="rbg"), x[:1], train=False))()
-  state = train.TrainState(variables["params"], variables["batch_stats"],
+  state = train_steps.TrainState(variables["params"], variables["batch_stats"],
                            tx.init(variables["params"]))
-  step = jax.jit(train.make_train_step(model, tx, True), donate_argnums=(0,))
+  step = jax.jit(train_steps.make_train_step(model, tx), donate_argnums=(0,))
   out, t0 = {}, time.perf_counter()
 
   def store(prefix, masks):

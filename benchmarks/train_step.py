@@ -43,23 +43,18 @@ def build(model_name: str, input_shape, batch: int = BATCH, param_dtype=None,
 
 
 def make_train_step(model, opt: optax.GradientTransformation):
-  """jit(params, batch_stats, opt_state, x, y) -> (params, batch_stats, opt_state), donated."""
+  """jit(params, batch_stats, opt_state, x, y) -> (params, batch_stats, opt_state), donated.
 
-  def loss_fn(params, batch_stats, x, y):
-    variables = {"params": params}
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-      logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
-      batch_stats = new["batch_stats"]
-    else:
-      logits = model.apply(variables, x, train=True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, batch_stats
+  The step of ``examples.train_steps.make_train_step`` (BatchNorm when ``batch_stats``
+  has leaves); its loss and accuracy are not returned, so XLA drops them.
+  """
+  from examples import train_steps  # pylint: disable=import-outside-toplevel
+  train_step = train_steps.make_train_step(model, opt)
 
   def step(params, batch_stats, opt_state, x, y):
-    grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state
+    state, _ = train_step(train_steps.TrainState(params, batch_stats, opt_state),
+                          {"image": x, "label": y})
+    return tuple(state)
 
   return jax.jit(step, donate_argnums=(0, 1, 2))
 

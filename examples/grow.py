@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import optax_splitlbi as slbi
-from examples import input_pipeline, models, train
+from examples import input_pipeline, models, train, train_steps
 from examples.configs.base import Config
 
 _MODES = ("preserve", "official")
@@ -135,7 +135,7 @@ def _with_count(state: Any, count: jax.Array) -> Any:
 
 def _epoch(net: Net, step, train_ds, config: Config, epoch: int, steps: int) -> float:
   """One epoch of SplitLBI on ``net`` (in place); the mean training loss."""
-  state = train.TrainState(net.variables["params"], net.variables.get("batch_stats", {}),
+  state = train_steps.TrainState(net.variables["params"], net.variables.get("batch_stats", {}),
                            net.opt_state)
   losses = []
   for batch in train_ds.train_batches(config.batch_size, epoch, max_steps=steps):
@@ -149,8 +149,7 @@ def _epoch(net: Net, step, train_ds, config: Config, epoch: int, steps: int) -> 
 
 def evaluate(net: Net, eval_ds, config: Config) -> float:
   """Test accuracy of the dense W."""
-  has_bn = "batch_stats" in net.variables
-  step = jax.jit(train.make_eval_step(net.model, has_bn))
+  step = jax.jit(train_steps.make_eval_step(net.model))
   correct = count = 0.0
   for batch in eval_ds.eval_batches(config.eval_batch_size, max_examples=config.eval_examples):
     out = jax.device_get(step(net.variables["params"], net.variables.get("batch_stats"), batch))
@@ -186,7 +185,7 @@ def grow_and_train(config: Config, g: Growth,
   history: list[dict] = []
 
   def train_epochs(n: int, phase: str) -> dict[str, float]:
-    step = jax.jit(train.make_train_step(net.model, net.tx, "batch_stats" in net.variables))
+    step = jax.jit(train_steps.make_train_step(net.model, net.tx))
     sat: dict[str, float] = {}
     for _ in range(n):
       loss = _epoch(net, step, train_ds, config, len(history) + 1, steps)

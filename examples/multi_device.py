@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_splitlbi as sl
-from examples import distributed
+from examples import distributed, train_steps
 
 NUM_CLASSES = 8
 
@@ -79,6 +79,15 @@ def loss_fn(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y).mean()
 
 
+class TinyNet:
+  """:func:`apply` with Linen's ``apply(variables, x, train)``, for the shared step."""
+
+  @staticmethod
+  def apply(variables: dict, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # no dropout, no BatchNorm
+    return apply(variables["params"], x)
+
+
 def local_batch(step: int, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
   """THIS process's rows of the global batch of ``step`` (synthetic data).
 
@@ -106,13 +115,18 @@ def make_optimizer(learning_rate: float = 0.1) -> optax.GradientTransformation:
 
 @functools.cache
 def make_train_step(opt: optax.GradientTransformation):
-  """The one train step of every layout; params and state are donated."""
+  """The one train step of every layout (:func:`examples.train_steps.make_train_step`);
+  params and state are donated.
+
+  Returns:
+    ``train_step(params, opt_state, x, y) -> (params, opt_state, loss)``, jitted.
+  """
+  step = train_steps.make_train_step(TinyNet(), opt)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    state, metrics = step(train_steps.TrainState(params, {}, opt_state), {"image": x, "label": y})
+    return state.params, state.opt_state, metrics["loss"]
 
   return train_step
 

@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 import optax_splitlbi as slbi
 from optax_splitlbi.penalties import path_str
-from examples import configs, input_pipeline, models, plots, train
+from examples import configs, input_pipeline, models, plots, reports, train
 
 QUICK = dict(progress=False)
 
@@ -218,3 +218,12 @@ def test_paper_configs():
   assert [float(sched(s)) for s in (299, 300, 600)] == pytest.approx([0.1, 0.01, 0.001])
   with pytest.raises(ValueError, match="Unknown config"):
     configs.get_config("resnet21_cifar10")
+
+
+def test_mask_report_counts_parameters_for_the_final_table():
+  # A verbose fixed-mask run prints format_report of this report at the end.
+  masks = {"Dense_0/kernel": np.array([[True, False], [False, False]])}
+  params = {"Dense_0": {"kernel": np.zeros((2, 2)), "bias": np.zeros(2)}}
+  rep = reports.mask_sparsity_report(masks, params)
+  assert rep["total"]["params"] == 6 and rep["total"]["weight_density"] == 0.25
+  assert "parameters (all leaves): 6" in slbi.format_report(rep)

@@ -210,18 +210,18 @@ class _Context:
   def finetune(self, params: Any, stats: Any, masks: Any) -> tuple[Any, Any]:
     """``finetune_steps`` of SGD (momentum 0.9, wd 1e-4) on W ∘ masks, masks fixed."""
     from benchmarks.slim import cifar_shaped  # pylint: disable=g-import-not-at-top
-    from examples import train  # pylint: disable=g-import-not-at-top
+    from examples import train, train_steps  # pylint: disable=g-import-not-at-top
     s, seed = self.s, self.config.seed
     tx = train.make_optimizer(Config(optimizer="sgd", learning_rate=s.finetune_lr,
                                      momentum=0.9, weight_decay=1e-4, schedule="constant"), 1)
     if self._finetune is None:
-      self._finetune = (tx, jax.jit(train.make_train_step(self.model, tx, True),
+      self._finetune = (tx, jax.jit(train_steps.make_train_step(self.model, tx),
                                     donate_argnums=(0,)))
       self._ft_data = cifar_shaped(s.finetune_steps * s.batch, seed=10_000 + seed, data=self.dir)
     tx, step = self._finetune
     x, y = self._ft_data
     params = sl.apply_masks(params, masks)
-    state = train.TrainState(params, stats, tx.init(params))
+    state = train_steps.TrainState(params, stats, tx.init(params))
     for i in range(s.finetune_steps):
       b = slice(i * s.batch, (i + 1) * s.batch)
       state, _ = step(state, {"image": x[b], "label": y[b]}, masks)
@@ -268,15 +268,15 @@ def search(ctx: _Context, steps: int, stops: tuple,
   """Trains ``steps`` SplitLBI steps; ``on_stop(step, host_state)`` at each stop; the
   mean training loss of every 25 steps."""
   from benchmarks.slim import cifar_shaped  # pylint: disable=g-import-not-at-top
-  from examples import train  # pylint: disable=g-import-not-at-top
+  from examples import train, train_steps  # pylint: disable=g-import-not-at-top
   config, model, batch = ctx.config, ctx.model, ctx.config.batch_size
   tx = _optimizer(config, model, steps)
   x, y = cifar_shaped(steps * batch, seed=config.seed, data=ctx.dir)
   variables = jax.jit(lambda: model.init(jax.random.key(config.seed, impl=config.prng_impl),
                                          x[:1], train=False))()
-  state = train.TrainState(variables["params"], variables["batch_stats"],
+  state = train_steps.TrainState(variables["params"], variables["batch_stats"],
                            tx.init(variables["params"]))
-  step = jax.jit(train.make_train_step(model, tx, True), donate_argnums=(0,))
+  step = jax.jit(train_steps.make_train_step(model, tx), donate_argnums=(0,))
   losses, trace = [], []
   for i in range(1, steps + 1):
     b = slice((i - 1) * batch, i * batch)

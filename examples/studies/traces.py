@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from examples import input_pipeline, models, train
+from examples import input_pipeline, models, outputs, train, train_steps
 from examples.configs.base import Config
 
 # A run is dead when its test accuracy is below this (chance is 0.1) or a loss
@@ -30,20 +30,20 @@ def _compiled(config: Config, steps_per_epoch: int, num_classes: int):
   """(model, tx, jitted train step, jitted eval step) of a config (seed-free)."""
   model = models.get_model(config.model, num_classes, **dict(config.model_kwargs))
   tx = train.make_optimizer(config, steps_per_epoch)
-  step = jax.jit(train.make_train_step(model, tx, False))
-  evaluate = jax.jit(train.make_eval_step(model, False))
+  step = jax.jit(train_steps.make_train_step(model, tx))
+  evaluate = jax.jit(train_steps.make_eval_step(model))
   return model, tx, step, evaluate
 
 
-def _initial_state(config: Config, model, tx, image_shape) -> train.TrainState:
+def _initial_state(config: Config, model, tx, image_shape) -> train_steps.TrainState:
   rng = jax.random.key(config.seed, impl=config.prng_impl)
   variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   if jax.tree.leaves(variables.get("batch_stats", {})):
     raise ValueError(f"trace runs support models without BatchNorm, not {config.model!r}.")
   params = variables["params"]
   if config.init_from:
-    params, _ = train.load_snapshot(config.init_from, params, {})
-  return train.TrainState(params, {}, tx.init(params))
+    params, _ = outputs.load_snapshot(config.init_from, params, {})
+  return train_steps.TrainState(params, {}, tx.init(params))
 
 
 def _accuracy(evaluate, params, eval_ds, config: Config) -> float:
