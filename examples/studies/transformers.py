@@ -85,7 +85,7 @@ class Settings:
   sgd_wd: float = 1e-4
   nu: float = 100.0
   adam_lam: float = 0.006
-  sgd_lam: float = 0.04
+  sgd_lam: float = 0.063
   finetune_steps: int = 100
   finetune_lr: float = 1e-3
   score_batches: int = 8
