@@ -30,7 +30,8 @@ PAGES = {
 }
 
 ROOT = DOCS.parent
-LINKED = ["README.md", "docs/reference.md", "docs/benchmarks.md", "docs/scaling.md"]
+LINKED = ["README.md", "docs/reference.md", "docs/benchmarks.md", "docs/scaling.md",
+          "docs/transformers.md", "docs/growing.md", "docs/results.md", "docs/slimming.md"]
 
 
 @pytest.mark.parametrize("page", sorted(PAGES))
