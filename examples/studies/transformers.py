@@ -266,7 +266,7 @@ def kind(cls: sl.GroupClass) -> str:
 
 def kept(groups: sl.ChannelGroups, masks: Any) -> dict[str, np.ndarray]:
   """Per class, which groups ``masks`` keep (read from the first member's mask)."""
-  flat = _flat(jax.tree.map(lambda m: m, masks, is_leaf=lambda x: x is None))
+  flat = _flat(masks)
   out = {}
   for cls in groups.classes:
     path, axis = cls.members[0]
@@ -414,10 +414,8 @@ def _stop(task: Task, arm: str, groups: sl.ChannelGroups, step: int, params: Any
   masks = masks_of(groups, params, keep)
   res, summary = slim_summary(task, params, masks)
   row = {"step": step, **summary,
-         "heads": [int(k.sum()) for c in groups.classes if kind(c) == "heads"
-                   for k in [keep[c.name]]],
-         "neurons": [int(k.sum()) for c in groups.classes if kind(c) == "neurons"
-                     for k in [keep[c.name]]],
+         "heads": [int(keep[c.name].sum()) for c in groups.classes if kind(c) == "heads"],
+         "neurons": [int(keep[c.name].sum()) for c in groups.classes if kind(c) == "neurons"],
          "dense": task.metric(params),
          "sparse": task.metric(sl.sparse_params(params, opt_state)),
          "finetuned": task.metric(finetune(task, params, masks, seed)),
