@@ -9,8 +9,9 @@ per group over all of them). Both stored-Γ and lean (``store_gamma=False``)
 modes, timed interleaved (donated, jitted update + apply_updates); reported as
 medians and the ratio cross-leaf ÷ per-leaf.
 
-Run alone: ``python -m benchmarks.cross_leaf [--quick]``; with XLA:CPU's
-multi-output fusion flag it runs in a fresh process from ``run_all``.
+Run alone: ``python -m benchmarks.cross_leaf [--quick]``; in the suite
+(``python -m benchmarks.run --only cross_leaf``) it runs again in a fresh process
+with XLA:CPU's multi-output fusion flag.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import optax_splitlbi as osl
-from benchmarks import common, optimizers, shapes
+from benchmarks import common, measure, shapes
 
 ROUNDS, QUICK_ROUNDS = 15, 4
 
@@ -46,11 +47,8 @@ def run(quick: bool = False) -> dict:
     opts[f"per_leaf{suffix}"] = osl.splitlbi(0.1, nu=100.0, store_gamma=not lean)
     opts[f"cross_leaf{suffix}"] = osl.splitlbi(0.1, nu=100.0, penalty=groups,
                                                store_gamma=not lean)
-  steppers = {}
-  for name, opt in opts.items():
-    params = shapes.materialize(tree, seed=0)
-    steppers[name] = common.Stepper(optimizers.update_step(opt), (params, opt.init(params)),
-                                    (grads,))
+  steppers = {name: measure.update_stepper(name, tree, grads, opt)[0]
+              for name, opt in opts.items()}
   times = common.interleaved(steppers, QUICK_ROUNDS if quick else ROUNDS)
   out = {"params": shapes.num_params(tree), "leaves": len(jax.tree.leaves(tree)),
          "classes": len(groups.classes), "opts": {n: common.stats(t) for n, t in times.items()}}
@@ -66,4 +64,8 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  common.cli(run)
+  import argparse  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  print(json.dumps(run(ap.parse_args().quick), default=float)[:3000])

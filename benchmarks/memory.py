@@ -7,12 +7,14 @@
 - Peak memory: on CPU the process peak RSS (``ru_maxrss``), measured in a fresh
   subprocess per configuration (the peak never decreases within a process),
   minus the peak RSS of the same subprocess after imports and JAX start-up;
-  device ``memory_stats()`` where the backend provides them (GPU/TPU).
+  peak device memory is measured by the device suite
+  (:func:`benchmarks.measure.train_memory`).
 
 Modes: ``sgd``; SplitLBI ``default``; ``lean`` (``store_gamma=False``);
 ``bf16`` (bf16 parameters, ``state_dtype=float32``).
 
-Run alone: ``python -m benchmarks.memory [--quick]``.
+Run alone: ``python -m benchmarks.memory [--quick]``; in the suite:
+``python -m benchmarks.run --only memory``.
 """
 
 from __future__ import annotations
@@ -20,17 +22,15 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import optax_splitlbi as osl
-from benchmarks import common, optimizers, shapes
+from benchmarks import common, measure, optimizers, shapes, suite
 
 MODES = ("sgd", "default", "lean", "bf16")
 
@@ -63,45 +63,43 @@ def state_accounting(params, state) -> dict:
   return out
 
 
-def _worker(kind: str, model: str, mode: str) -> dict:
-  """Runs in a fresh process: builds, compiles and runs 3 steps; reports memory."""
-  base_rss = common.peak_rss_bytes()
+def _stepper(kind: str, model: str, mode: str) -> tuple[common.Stepper, dict, float, object]:
+  """The step of one configuration: (stepper, state accounting, compile s, executable)."""
   opt = make_opt(mode)
   pdtype = jnp.bfloat16 if mode == "bf16" else None
   if kind == "train":
-    from benchmarks import train_step  # pylint: disable=import-outside-toplevel
-    name, shape = train_step.MODELS[model]
-    net, params, bs, x, y = train_step.build(name, shape, param_dtype=pdtype)
+    spec = suite.TRAIN_MODELS["full"][model]
+    built = measure.build(spec.model, spec.input_shape, spec.batch, param_dtype=pdtype)
+    params, bs = built.init()
     state = opt.init(params)
-    acct = state_accounting(params, state)
-    jitted = train_step.make_train_step(net, opt)
-    ct, compiled = common.compile_time(jitted, params, bs, state, x, y)
-    stepper = common.Stepper(compiled, (params, bs, state), (x, y))
+    jitted = measure.make_train_step(built.module, opt)
+    ct, compiled = common.compile_time(jitted, params, bs, state, built.x, built.y)
+    stepper = common.Stepper(compiled, (params, bs, state), (built.x, built.y))
   else:
     tree = shapes.ARCHS[model](pdtype or jnp.float32)
-    params = shapes.materialize(tree)
-    grads = shapes.materialize(tree, seed=1)
+    params, grads = shapes.materialize(tree), shapes.materialize(tree, seed=1)
     state = opt.init(params)
-    acct = state_accounting(params, state)
-    jitted = optimizers.update_step(opt)
-    ct, compiled = common.compile_time(jitted, params, state, grads)
+    ct, compiled = common.compile_time(optimizers.update_step(opt), params, state, grads)
     stepper = common.Stepper(compiled, (params, state), (grads,))
+  return stepper, state_accounting(params, state), ct, compiled
+
+
+def _worker(kind: str, model: str, mode: str) -> dict:
+  """Runs in a fresh process: builds, compiles and runs 3 steps; reports memory."""
+  base_rss = common.peak_rss_bytes()
+  stepper, acct, ct, compiled = _stepper(kind, model, mode)
   for _ in range(3):
     stepper.run()
   peak = common.peak_rss_bytes()
   return {**acct, "compile_s": ct, "memory_analysis": common.memory_analysis(compiled),
           "peak_rss_bytes": peak, "startup_rss_bytes": base_rss,
-          "peak_rss_above_startup": peak - base_rss,
-          "device_memory_stats": common.device_memory_stats()}
+          "peak_rss_above_startup": peak - base_rss}
 
 
-def measure(kind: str, model: str, mode: str) -> dict:
+def measure_config(kind: str, model: str, mode: str) -> dict:
   """Runs :func:`_worker` in a fresh interpreter and returns its JSON."""
-  env = dict(os.environ)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--worker", kind, model, mode],
-                       capture_output=True, text=True, env=env, cwd=root, check=False)
+                       capture_output=True, text=True, cwd=common.ROOT, check=False)
   if out.returncode != 0:
     return {"error": out.stderr[-2000:]}
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -114,7 +112,7 @@ def run(quick: bool = False) -> dict:
   # Fresh processes, 4 at a time: each one's peak RSS is its own.
   jobs = [(kind, model, m) for kind, model in configs for m in MODES]
   with concurrent.futures.ThreadPoolExecutor(4) as ex:
-    outs = list(ex.map(lambda j: measure(*j), jobs))
+    outs = list(ex.map(lambda j: measure_config(*j), jobs))
   res = {}
   for (kind, model, m), r in zip(jobs, outs):
     res.setdefault(f"{kind}:{model}", {})[m] = r

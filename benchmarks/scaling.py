@@ -7,7 +7,8 @@
 - Parameter count: 2 conv kernels (3, 3, C, C) for growing C (bandwidth
   dominates; reported as time / bandwidth bound).
 
-Run alone: ``python -m benchmarks.scaling [--quick]``.
+Run alone: ``python -m benchmarks.scaling [--quick]``; in the suite:
+``python -m benchmarks.run --only scaling``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from benchmarks import common, optimizers, shapes
+from benchmarks import common, measure, optimizers, shapes
 
 OPTS = ("sgd", "splitlbi", "splitlbi_lean", "adamw")
 
@@ -51,11 +52,7 @@ def time_trees(trees: dict, rounds: int, opts=("sgd", "splitlbi"), copy_bytes=64
   for key, tree in trees.items():
     grads = shapes.materialize(tree, seed=1)
     for o in opts:
-      opt = optimizers.make(o)
-      params = shapes.materialize(tree)
-      state = opt.init(params)
-      ct, compiled = common.compile_time(optimizers.update_step(opt), params, state, grads)
-      steppers[(key, o)] = common.Stepper(compiled, (params, state), (grads,))
+      steppers[(key, o)], ct = measure.update_stepper(o, tree, grads)
       meta[(key, o)] = {"compile_s": ct, "bytes": optimizers.bytes_moved(o, tree),
                         "params": shapes.num_params(tree), "leaves": len(jax.tree.leaves(tree))}
   steppers[("copy", "copy")], copy_moved = common.copy_stepper(copy_bytes)
@@ -90,5 +87,4 @@ def run(quick: bool = False) -> dict:
 if __name__ == "__main__":
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
-  a = ap.parse_args()
-  print(json.dumps(run(a.quick), default=float)[:3000])
+  print(json.dumps(run(ap.parse_args().quick), default=float)[:3000])

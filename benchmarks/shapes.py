@@ -28,6 +28,24 @@ def _dense(cin, cout, dtype=jnp.float32):
           "bias": jax.ShapeDtypeStruct((cout,), dtype)}
 
 
+def _block(cin: int, width: int, bottleneck: bool, dtype) -> dict:
+  """A residual block: basic (two 3×3 convs) or bottleneck (1×1, 3×3, 1×1 to 4·width),
+  each conv followed by BatchNorm, with a 1×1 projection where the width changes."""
+  out = 4 * width if bottleneck else width
+  if bottleneck:
+    convs = ((1, cin, width), (3, width, width), (1, width, out))
+  else:
+    convs = ((3, cin, width), (3, width, width))
+  blk = {}
+  for i, (k, c_in, c_out) in enumerate(convs, 1):
+    blk[f"conv{i}"] = _conv(k, c_in, c_out, dtype=dtype)
+    blk[f"bn{i}"] = _bn(c_out, dtype)
+  if cin != out:
+    blk["proj"] = _conv(1, cin, out, dtype=dtype)
+    blk["proj_bn"] = _bn(out, dtype)
+  return blk
+
+
 def lenet5(dtype=jnp.float32):
   """LeNet-5 (LeCun 1998) on 28×28 MNIST: conv5-6, conv5-16, fc 120-84-10."""
   return {"conv1": _conv(5, 1, 6, True, dtype), "conv2": _conv(5, 6, 16, True, dtype),
@@ -41,12 +59,7 @@ def resnet20(dtype=jnp.float32):
   cin = 16
   for s, w in enumerate((16, 32, 64)):
     for b in range(3):
-      blk = {"conv1": _conv(3, cin, w, dtype=dtype), "bn1": _bn(w, dtype),
-             "conv2": _conv(3, w, w, dtype=dtype), "bn2": _bn(w, dtype)}
-      if cin != w:
-        blk["proj"] = _conv(1, cin, w, dtype=dtype)
-        blk["proj_bn"] = _bn(w, dtype)
-      p[f"stage{s}_block{b}"] = blk
+      p[f"stage{s}_block{b}"] = _block(cin, w, False, dtype)
       cin = w
   p["head"] = _dense(64, 10, dtype)
   return p
@@ -57,20 +70,8 @@ def _imagenet_resnet(blocks, bottleneck, dtype):
   cin = 64
   for s, (n, w) in enumerate(zip(blocks, (64, 128, 256, 512))):
     for b in range(n):
-      if bottleneck:
-        out = 4 * w
-        blk = {"conv1": _conv(1, cin, w, dtype=dtype), "bn1": _bn(w, dtype),
-               "conv2": _conv(3, w, w, dtype=dtype), "bn2": _bn(w, dtype),
-               "conv3": _conv(1, w, out, dtype=dtype), "bn3": _bn(out, dtype)}
-      else:
-        out = w
-        blk = {"conv1": _conv(3, cin, w, dtype=dtype), "bn1": _bn(w, dtype),
-               "conv2": _conv(3, w, w, dtype=dtype), "bn2": _bn(w, dtype)}
-      if cin != out:
-        blk["proj"] = _conv(1, cin, out, dtype=dtype)
-        blk["proj_bn"] = _bn(out, dtype)
-      p[f"stage{s}_block{b}"] = blk
-      cin = out
+      p[f"stage{s}_block{b}"] = _block(cin, w, bottleneck, dtype)
+      cin = 4 * w if bottleneck else w
   p["head"] = _dense(cin, 1000, dtype)
   return p
 
@@ -124,8 +125,14 @@ def transformer(layers: int = 24, d_model: int = 2048, mlp_ratio: int = 4, vocab
   return p
 
 
+def transformer_tiny(dtype=jnp.float32):
+  """:func:`transformer` with 1 block, d 32, vocab 100, 16 positions (smoke runs)."""
+  return transformer(1, 32, 4, 100, 16, dtype)
+
+
 ARCHS = {"LeNet-5": lenet5, "ResNet-20": resnet20, "ResNet-18": resnet18,
-         "ResNet-50": resnet50, "VGG-16": vgg16, "Transformer-1.3B": transformer}
+         "ResNet-50": resnet50, "VGG-16": vgg16, "Transformer-1.3B": transformer,
+         "Transformer-tiny": transformer_tiny}
 
 
 def num_params(tree) -> int:

@@ -1,6 +1,7 @@
 """Physical slimming: parameters, FLOPs and CPU latency, dense vs slim.
 
-``python -m benchmarks.slim [--quick] [--json F] [--search-steps N]``
+``python -m benchmarks.slim [--quick] [--json F] [--search-steps N]``; in the suite:
+``python -m benchmarks.run --only slim``.
 
 For VGG-16-BN and ResNet-56 (CIFAR variants, full width, 32×32×3 inputs):
 
@@ -10,7 +11,7 @@ For VGG-16-BN and ResNet-56 (CIFAR variants, full width, 32×32×3 inputs):
    κ 1, α 0.1, Nesterov momentum 0.9, weight decay 1e-4, batch 64) for
    ``--search-steps`` steps on CIFAR-shaped data: Fashion-MNIST training images
    (Debian's ``dataset-fashion-mnist``) zero-padded to 32×32 and repeated over 3
-   channels. Its conv-filter masks are cached in ``benchmarks/slim_masks.npz``
+   channels. Its conv-filter masks are cached in ``benchmarks/results/slim_masks.npz``
    (delete it to search again).
 2. *Masks*: supp Γ at the end of the search (``group_support``), and
    ``prune_to_sparsity`` at 50 % and 25 % of the filters of every conv layer
@@ -37,7 +38,7 @@ import optax_splitlbi as sl
 from benchmarks import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MASKS_PATH = os.path.join(HERE, "slim_masks.npz")
+MASKS_PATH = os.path.join(HERE, "results", "slim_masks.npz")
 FASHION = "/usr/share/datasets/fashion-mnist"
 NETS = ("vgg16", "resnet56")
 FAMILIES = ("early", "supp", "p50", "p25")
@@ -153,18 +154,11 @@ def couple(masks, groups: list, density: float):
   return masks
 
 
-class Forward:
-  """A jitted forward pass timed by :func:`common.interleaved`."""
+class Forward(common.Call):
+  """A jitted forward pass (inference mode) timed by :func:`common.interleaved`."""
 
   def __init__(self, module, variables, x):
-    self.fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
-    self.args = (variables, x)
-    jax.block_until_ready(self.fn(*self.args))
-
-  def run(self) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(self.fn(*self.args))
-    return time.perf_counter() - t0
+    super().__init__(jax.jit(lambda v, x: module.apply(v, x, train=False)), variables, x)
 
 
 def _filters(masks) -> tuple[int, int]:
@@ -213,35 +207,28 @@ def measure(net: str, rounds: int, masks_path: str = MASKS_PATH) -> dict:
   return out
 
 
-class _Conv:
-  """A jitted 3×3 SAME conv (C → C channels) on a fixed batch, for :func:`conv_efficiency`."""
-
-  def __init__(self, c: int, hw: int, batch: int):
-    rng = np.random.default_rng(c)
-    self.x = jnp.asarray(rng.normal(size=(batch, hw, hw, c)), jnp.float32)
-    self.k = jnp.asarray(rng.normal(size=(3, 3, c, c)), jnp.float32)
-    fn = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
-        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    compiled = jax.jit(fn).lower(self.x, self.k).compile()
-    cost = compiled.cost_analysis()
-    self.flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-    self.fn = compiled
-    jax.block_until_ready(self.fn(self.x, self.k))
-
-  def run(self) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(self.fn(self.x, self.k))
-    return time.perf_counter() - t0
+def _conv(c: int, hw: int, batch: int) -> tuple[common.Call, float]:
+  """A jitted 3×3 SAME conv (C → C channels) on a fixed batch, and its FLOPs."""
+  rng = np.random.default_rng(c)
+  x = jnp.asarray(rng.normal(size=(batch, hw, hw, c)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, c, c)), jnp.float32)
+  fn = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  compiled = jax.jit(fn).lower(x, k).compile()
+  cost = compiled.cost_analysis()
+  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+  return common.Call(compiled, x, k), flops
 
 
 def conv_efficiency(channels=(64, 63, 60, 56, 48, 40, 33, 32), hw: int = 16,
                     batch: int = BATCH, rounds: int = 15) -> dict:
   """GFLOP/s of XLA:CPU's 3×3 conv by channel count (interleaved medians)."""
-  convs = {str(c): _Conv(c, hw, batch) for c in channels}
-  times = common.interleaved(convs, rounds=rounds, warmup=1)
-  return {c: dict(flops=conv.flops, median=common.stats(times[c])["median"],
-                  gflops_per_s=conv.flops / common.stats(times[c])["median"] / 1e9)
-          for c, conv in convs.items()}
+  convs = {str(c): _conv(c, hw, batch) for c in channels}
+  times = common.interleaved({c: call for c, (call, _) in convs.items()}, rounds=rounds,
+                             warmup=1)
+  return {c: dict(flops=flops, median=common.stats(times[c])["median"],
+                  gflops_per_s=flops / common.stats(times[c])["median"] / 1e9)
+          for c, (_, flops) in convs.items()}
 
 
 def _raw_support(f, net: str) -> dict:
@@ -280,60 +267,6 @@ def run(quick: bool, search_steps: int = 900, search_batch: int = 64,
   return res
 
 
-def render(res: dict) -> list[str]:
-  """The RESULTS.md section."""
-  raw = res["raw_support"]
-  L = ["## Physical slimming (`python -m benchmarks.slim`)\n",
-       "VGG-16-BN and ResNet-56 (CIFAR variants, full width, 32×32×3), slimmed by "
-       "`slim_linen` at three conv-filter masks of one SplitLBI run with the lottery settings "
-       f"(conv λ {CONV_LAM} with thresholds λ·√d, ν 100, κ 1, α 0.1, Nesterov, wd 1e-4) on "
-       "Fashion-MNIST training images padded to 32×32×3 (search: "
-       + ", ".join(f"{n} {res['search'][n]['steps']} steps of batch {res['search'][n]['batch']} "
-                   f"in {res['search'][n]['seconds']:.0f} s on {res['search'][n]['device']}"
-                   for n in NETS) + "):",
-       "- *supp Γ*: the filters in supp Γ at the end of the run (" + ", ".join(
-           f"{n}: {raw[n]['filter_density']:.1%} of the filters, {raw[n]['empty_layers']} of "
-           f"{raw[n]['layers']} layers without any" for n in NETS)
-       + "); a layer without any keeps the one filter with the largest ‖V_g‖ (the next to "
-       "enter), since a layer needs at least one channel;",
-       "- *50 % / 25 %*: `prune_to_sparsity(scope=\"layer\")` of the same run (entry order, "
-       "then ‖V_g‖).\n",
-       f"FLOPs: XLA cost analysis of the jitted forward pass at batch {res['batch']}. Latency: "
-       f"CPU, batch {res['batch']}, the jitted dense and slim modules interleaved round-robin "
-       f"(medians, IQR). Load average {res['loadavg_start'][0]:.1f} at the start, "
-       f"{res['loadavg_end'][0]:.1f} at the end (2 cores). *kept by coupling*: pruned filters "
-       "that stay because a coupled layer (a residual stage) keeps the channel (in the "
-       "`round_to=8` rows also those kept back to round the widths up to multiples of 8).\n",
-       "| net | mask | filters kept | kept by coupling | params dense → slim | GFLOPs dense → "
-       "slim | FLOP ÷ | bytes ÷ | latency ms dense → slim (IQR) | speed-up | ≥ 0.8 × FLOP ÷ |",
-       "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-  names = {"early": "supp Γ at step {step}", "supp": "supp Γ at step {end}", "p50": "50 % / layer", "p25": "25 % / layer",
-           "p50c": "50 % / coupled group", "p25c": "25 % / coupled group",
-           "early_r8": "supp Γ at step {step}, round_to=8", "p50_r8": "50 % / layer, round_to=8",
-           "p25_r8": "25 % / layer, round_to=8"}
-  for net in NETS:
-    r, lat = res[net], res[net]["latency"]
-    for fam, label in names.items():
-      if fam not in r:
-        continue
-      o, label = r[fam], label.format(step=res["early_step"][net], end=res["search"][net]["steps"])
-      L.append(f"| {net} | {label} | {o['filter_density']:.1%} | {o['kept_by_coupling']} | "
-               f"{o['params_dense']:,} → {o['params_slim']:,} | {o['flops_dense'] / 1e9:.2f} → "
-               f"{o['flops_slim'] / 1e9:.2f} | {o['flop_reduction']:.2f} | "
-               f"{o['bytes_reduction']:.2f} | "
-               f"{lat['dense']['median'] * 1e3:.0f} ({lat['dense']['iqr'] * 1e3:.0f}) → "
-               f"{lat[fam]['median'] * 1e3:.0f} ({lat[fam]['iqr'] * 1e3:.0f}) | "
-               f"{o['speedup']:.2f} | {'yes' if o['goal_met'] else 'no'} |")
-  L.append("")
-  L.append("XLA:CPU throughput of one 3×3 SAME conv (C → C channels, batch "
-           f"{res['batch']}; GFLOP/s from the cost analysis and the median time):\n")
-  for hw, r in res["conv_efficiency"].items():
-    L.append(f"- {hw}×{hw}: " + ", ".join(f"C={c} {v['gflops_per_s']:.0f} GFLOP/s "
-                                          f"({v['median'] * 1e3:.1f} ms)" for c, v in r.items()))
-  L.append("")
-  return L
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="5 timing rounds instead of 15")
@@ -352,7 +285,8 @@ def main() -> None:
   if a.json:
     with open(a.json, "w") as f:
       json.dump(res, f, indent=1, default=float)
-  print("\n".join(render(res)))
+  from benchmarks import report  # pylint: disable=g-import-not-at-top
+  print("\n".join(report.slim_section(res)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""benchmarks/device_check.py (the GPU check) in its CPU smoke mode, so it cannot rot.
+"""tools/device_check.py (the GPU check: device tests + ``benchmarks.run --device``) in its
+CPU smoke mode, so it cannot rot.
 
 The smoke run goes through every section the device run has (tests in a fresh
 process, update benchmark, train step with memory) on tiny trees; the byte
@@ -15,7 +16,8 @@ import time
 
 import pytest
 
-from benchmarks import device_check, device_workers, optimizers, shapes
+from benchmarks import common, measure, optimizers, shapes, suite
+from tools import device_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,20 +47,19 @@ def test_update_bytes_by_hand(name):
   assert optimizers.bytes_moved(name, tree) == HAND_BYTES[name]
 
 
-def test_update_one_optimizer_at_a_time(monkeypatch):
+def test_update_one_optimizer_at_a_time():
   """The path the 1.3B tree takes on a GPU (too big for all optimizers at once)."""
-  monkeypatch.setattr(device_workers, "_fits_at_once", lambda *a: False)
-  monkeypatch.setattr(device_workers, "SAMPLE_S", 1e-3)
-  monkeypatch.setattr(device_workers, "UPDATE_OPTS", ("sgd", "splitlbi"))
   tree = shapes.transformer(1, 4, 4, 10, 3)
-  r = device_workers.bench_update_tree(tree, rounds=2, copy_bytes=2**16,
-                                       deadline=time.time() + 300)
+  timing = common.Timing(sample_s=1e-3, warmup=1)
+  r = measure.update(tree, rounds=2, copy_bytes=2**16, timing=timing, opts=("sgd", "splitlbi"),
+                     deadline=time.time() + 300, together=False)
   assert r["interleaved"].startswith("each optimizer")
   assert set(r["opts"]) == {"sgd", "splitlbi"} and not r["skipped"]
   for name, o in r["opts"].items():
     assert o["bytes"] == HAND_BYTES[name] and o["n"] == 2 and o["median"] > 0
   assert r["opts"]["sgd"]["ratio_vs_sgd"] == 1.0
-  past = device_workers.bench_update_tree(tree, rounds=2, copy_bytes=2**16, deadline=0.0)
+  past = measure.update(tree, rounds=2, copy_bytes=2**16, timing=timing,
+                        opts=("sgd", "splitlbi"), deadline=0.0, together=False)
   assert past["opts"] == {} and past["skipped"] == ["sgd", "splitlbi"]
 
 
@@ -105,7 +106,7 @@ def test_failing_test_is_reported_and_sets_exit_code(tmp_path, monkeypatch):
 
 
 def _run(out, *args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "benchmarks.device_check", "--smoke",
+  return subprocess.run([sys.executable, "-m", "tools.device_check", "--smoke",
                          "--out", str(out), *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -130,20 +131,20 @@ def test_smoke_run_end_to_end(tmp_path):
   tests = res["sections"]["tests"]
   assert tests["status"] == "ok" and tests["backend"] == "cpu"
   assert tests["passed"] >= 3 and tests["failed"] == tests["errors"] == 0
-  tree = res["sections"]["update"]["trees"]["Transformer-tiny"]
+  tree = res["sections"]["update"]["result"]["trees"]["Transformer-tiny"]
   d = 32  # smoke tree: transformer(1 block, d=32, MLP 4×, vocab 100, 16 positions)
   assert tree["params"] == (12 * d * d + 13 * d) + (100 + 16) * d + 2 * d
-  assert set(tree["opts"]) == set(device_workers.UPDATE_OPTS)
+  assert set(tree["opts"]) == set(measure.UPDATE_OPTS)
   assert tree["opts"]["sgd"]["bytes"] == 5 * 4 * tree["params"]
   for o in tree["opts"].values():
     assert o["median"] > 0 and 0 < o["fraction_of_copy_bandwidth"]
   train = res["sections"]["train DigitsCNN"]["result"]
-  assert set(train["timing"]) == set(train["memory"]) == set(device_workers.SMOKE_TRAIN_OPTS)
+  assert set(train["opts"]) == set(train["memory"]) == set(suite.TRAIN_MODELS["smoke"]["DigitsCNN"].opts)
   assert list(train["memory"]) == ["sgd", "splitlbi"]  # increasing state
   comp = train["compile"]
   # Optimizer state: SGD 1×, SplitLBI 3× the penalized parameters (+ momentum elsewhere).
   assert comp["sgd"]["state_bytes"] < comp["splitlbi"]["state_bytes"] < 3 * comp["sgd"]["state_bytes"]
-  assert train["timing"]["sgd"]["ratio_vs_sgd"] == 1.0
+  assert train["opts"]["sgd"]["ratio_vs_sgd"] == 1.0
   md = (tmp_path / "RESULTS_GPU.md").read_text()
   for heading in ("## Device", "## Correctness tests", "## Update only", "## Train step"):
     assert heading in md

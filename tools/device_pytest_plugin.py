@@ -1,4 +1,4 @@
-"""pytest plugin of ``benchmarks.device_check``'s test run (``-p benchmarks.device_pytest_plugin``).
+"""pytest plugin of ``tools.device_check``'s test run (``-p tools.device_pytest_plugin``).
 
 Loaded in every pytest process (pytest-xdist workers too), before the test
 modules: registers the hypothesis profile ``device`` (``max_examples`` from

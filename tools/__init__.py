@@ -1,0 +1,1 @@
+"""Repository tools that are neither the library, its examples, its tests nor its benchmarks."""
