@@ -11,9 +11,10 @@ are the removable channels (one group lasso across every layer of a channel).
 See docs/slimming.md.
 """
 
-from optax_splitlbi.slimming.api import SlimModel, coupled_channels, leaf_masks, slim
+from optax_splitlbi.slimming.api import SlimModel, coupled_channels, slim
 from optax_splitlbi.slimming.frameworks import slim_linen, slim_nnx
 from optax_splitlbi.slimming.groups import channel_groups, channel_groups_nnx
+from optax_splitlbi.slimming.masks import leaf_masks
 from optax_splitlbi.slimming.report import format_slim_report
 from optax_splitlbi.slimming.widen import WideModel, widen, widen_linen, widen_nnx, widen_state, old_entries
 

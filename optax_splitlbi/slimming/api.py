@@ -1,19 +1,33 @@
-"""Public slimming functions: ``slim`` (any forward function), ``slim_linen``, ``slim_nnx``."""
+"""``slim`` (any forward function) and ``coupled_channels``: the stages in order.
+
+``slim`` runs one stage after the other, each handing the next one value::
+
+  program (program.trace) → graph (graph.build_graph) → classes (plan.group_classes)
+  → decision (plan.decide) → folds (fold.fold_removed, which redecides with
+  ``inexact="keep"``) → slim program (replay.slim_program)
+
+and reports on them (report.py). ``slim_linen`` / ``slim_nnx`` (frameworks.py)
+rebuild the module around it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any, Optional
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from optax_splitlbi.slimming import fold as fold_lib
+from optax_splitlbi.slimming import masks as masks_lib
 from optax_splitlbi.slimming import plan as plan_lib
+from optax_splitlbi.slimming import replay
 from optax_splitlbi.slimming import report as report_lib
 from optax_splitlbi.slimming.graph import build_graph
-from optax_splitlbi.slimming.program import Program, evaluate, record, trace
+from optax_splitlbi.slimming.masks import leaf_masks, leaf_paths
+from optax_splitlbi.slimming.program import trace
 
 _POLICIES = ("fold", "keep")
 
@@ -50,232 +64,6 @@ class SlimModel:
         x = x if k is None else np.take(x, k, axis=axis)
       return x
     return jax.tree.map(one, tree, self.kept)
-
-
-def leaf_paths(tree: Any) -> list[str]:
-  """Path strings (``a/b/c``) of the leaves of ``tree``."""
-  return [jax.tree_util.keystr(p, simple=True, separator="/")
-          for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _strip_value(name: str) -> str:
-  """NNX states end paths in ``/value`` (the Variable's field); masks may not."""
-  return name[:-len("/value")] if name.endswith("/value") else name
-
-
-def _mask_prefix(variables: Any, masks: Any) -> str:
-  """Masks may match the whole variables or (Linen / NNX style) ``variables["params"]``."""
-  if isinstance(variables, Mapping) and "params" in variables:
-    if not (isinstance(masks, Mapping) and "params" in masks):
-      return "params/"
-  return ""
-
-
-def leaf_masks(variables: Any, masks: Any) -> dict[int, np.ndarray]:
-  """Variable leaf index → full-shape bool mask (True: weight kept).
-
-  Masks are full-shape (``support``, ``entered_by``, ``prune_to_sparsity``) or
-  per-group keepdims (``group_support``); ``None`` leaves are unmasked.
-
-  Raises:
-    ValueError: naming the mask leaf that is not a variable or whose shape does
-      not broadcast to the variable's.
-  """
-  names = leaf_paths(variables)
-  index = {_strip_value(n): i for i, n in enumerate(names)}
-  leaves = jax.tree.leaves(variables)
-  prefix = _mask_prefix(variables, masks)
-  out = {}
-  for path, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]:
-    name = _strip_value(prefix + jax.tree_util.keystr(path, simple=True, separator="/"))
-    if name not in index and not any(n.startswith(name + "/") for n in index):
-      raise ValueError(f"masks: leaf {name!r} is not a variable of the model; the masks "
-                       f"must have the params' tree structure (variables: {names[:6]}...).")
-    if m is None:
-      continue
-    if name not in index:
-      raise ValueError(f"masks: {name!r} is a subtree of the variables, not a leaf; give "
-                       "its leaves masks (or None).")
-    shape = np.shape(leaves[index[name]])
-    m = np.asarray(m)
-    if m.ndim != len(shape) or any(a not in (1, b) for a, b in zip(m.shape, shape)):
-      raise ValueError(f"masks: mask {name!r} has shape {m.shape}, which neither equals nor "
-                       f"broadcasts (keepdims) to the variable's shape {shape}.")
-    out[index[name]] = np.broadcast_to(m != 0, shape)
-  return out
-
-
-def _check_masks(cls: plan_lib.Classes, masks: dict, names: list) -> None:
-  """A mask that prunes every output channel of a layer is an error."""
-  for r, sites in cls.producers.items():
-    for s in sites:
-      if s.leaf in masks and plan_lib.site_pruned(s, masks, cls.size[r]).all():
-        raise ValueError(
-            f"slim: the mask of {names[s.leaf]!r} prunes every output channel along axis "
-            f"{s.axis} (layer {s.where!r}); a layer needs at least one channel.")
-
-
-def _layers_of(cls: plan_lib.Classes, r: int, names: list) -> str:
-  sites = [s for c in [r] + cls.ancestors(r) for s in list(cls.producers.get(c, ())) +
-           list(cls.consumers.get(c, ())) if s.leaf is not None]
-  return ", ".join(repr(n) for n in sorted({names[s.leaf] for s in sites})) or "a dimension"
-
-
-def _check_removal(cls: plan_lib.Classes, removed: dict, names: list) -> None:
-  for r, rm in removed.items():
-    if not rm.any():
-      continue
-    unknown = plan_lib.unknown_of(cls, r)
-    if unknown:
-      raise ValueError(
-          f"slim: cannot remove channels of {_layers_of(cls, r, names)}: "
-          f"{unknown[0]} uses them and the dependency analysis does not understand it.")
-    if rm.all():
-      raise ValueError(f"slim: the masks remove every channel shared by "
-                       f"{_layers_of(cls, r, names)}; keep at least one.")
-
-
-def _batch_roots(prog: Program, cls: plan_lib.Classes) -> set:
-  g = cls.graph
-  return {cls.root(g.of(v)[0]) for v in prog.inputs if prog.shapes[v]}
-
-
-def _batch_fixed_reason(prog: Program, cls: plan_lib.Classes, batch: set) -> Optional[str]:
-  """Why the slim apply cannot take another batch size (None if it can)."""
-  g = cls.graph
-  for v in list(prog.variables) + list(prog.consts):
-    if any(cls.root(n) in batch for n in g.of(v)):
-      return "shared with a variable or constant"
-  for r in batch:
-    for kind, text in plan_lib.locks_of(cls, r):
-      if kind not in ("input", "output"):
-        return text
-    if cls.unknown.get(r) or any(c.kind == "segment" for c in cls.composites
-                                 if r == c.coarse or r in c.parts):
-      return "used by an operation whose shape depends on it"
-  return None
-
-
-def _slice(x, dims, cls: plan_lib.Classes, keep: dict):
-  """``x`` cut to the kept indices of its dims' classes; also the kept index tuple."""
-  x = np.asarray(x)
-  kept = []
-  for axis, n in enumerate(dims):
-    k = keep.get(cls.root(n))
-    if k is None or len(k) == x.shape[axis]:
-      kept.append(None)
-      continue
-    x = np.take(x, k, axis=axis)
-    kept.append(k)
-  return x, tuple(kept)
-
-
-def _class_sizes(cls: plan_lib.Classes, keep: dict, override: dict) -> Callable[[int], int]:
-  """root → slim size (``override``: new sizes of some atomic classes, e.g. the batch)."""
-  memo: dict = dict(override)
-
-  def size(r: int) -> int:
-    if r not in memo:
-      memo[r] = _derived_size(cls, keep, r, size)
-    return memo[r]
-
-  return size
-
-
-def _derived_size(cls, keep, r, size) -> int:
-  cis = cls.coarse_of.get(r, ())
-  if not cis or len({cls.composites[ci].parts for ci in cis}) > 1:
-    return len(keep[r]) if r in keep else cls.size[r]
-  comp = cls.composites[cis[0]]
-  sizes = [size(p) for p in comp.parts]
-  return int(np.prod(sizes)) if comp.kind == "product" else int(sum(sizes))
-
-
-def _make_apply(prog: Program, cls: plan_lib.Classes, keep: dict, consts: dict,
-                batch: set, fixed_reason: Optional[str]) -> Callable:
-  g = cls.graph
-  roots = [tuple(cls.root(n) for n in g.dims[v]) for v in range(len(prog.shapes))]
-  sample_batch = next((prog.shapes[v][0] for v in prog.inputs if prog.shapes[v]), None)
-  n_vars = len(prog.variables)
-
-  def apply(variables, x):
-    var_leaves, x_leaves = jax.tree.leaves(variables), jax.tree.leaves(x)
-    if len(var_leaves) != n_vars:
-      raise ValueError(f"slim apply_fn: expected {n_vars} variable leaves, got "
-                       f"{len(var_leaves)}.")
-    b = np.shape(x_leaves[0])[0] if x_leaves and np.ndim(x_leaves[0]) else None
-    override = {}
-    if b is not None and b != sample_batch:
-      if fixed_reason is not None:
-        raise ValueError(f"slim apply_fn: traced at batch {sample_batch}, called with {b}; "
-                         f"the batch axis is {fixed_reason}, so the batch size is fixed.")
-      override = {r: b for r in batch}
-    size = _class_sizes(cls, keep, override)
-    shape_of = lambda v: tuple(size(r) for r in roots[v])  # noqa: E731
-    outs = evaluate(prog, var_leaves, x_leaves, consts=consts, shape_of=shape_of)
-    return jax.tree.unflatten(prog.out_tree, outs)
-
-  return jax.jit(apply)
-
-
-def _decide(cls, masks, names, forced, round_to: int):
-  """Removable channels, kept indices, and the channels kept back for ``round_to``."""
-  removed = plan_lib.removable(cls, masks, forced)
-  _check_removal(cls, removed, names)
-  rounded = plan_lib.round_up(removed, round_to)
-  for r, idx in rounded.items():
-    removed[r][sorted(idx)] = False
-  return removed, plan_lib.keep_indices(cls, removed), rounded
-
-
-def _plan(prog, cls, masks, masked, x_leaves, batch, names, inexact, round_to):
-  """Decides the kept channels and folds the removed ones (see ``slim``).
-
-  Returns:
-    ``(keep, folded leaves, folds, (forced keeps, rounding keeps, round_to),
-    masked outputs)``.
-  """
-  forced: dict = {}
-  decide = lambda: _decide(cls, masks, names, forced, round_to)  # noqa: E731
-  removed, keep, rounded = decide()
-  todo, fn = fold_lib.contribution_fn(prog, cls.graph, cls, keep)
-  dense_out, env, first = record(prog, masked, x_leaves, fold_lib.needed_values(prog, cls.graph),
-                                 extra=fn, shape_of=_shapes_at_batch(prog, cls, batch, x_leaves))
-  contribs = dict(zip(todo, first))
-  while True:
-    leaves, folds, contributing = fold_lib.fold_constants(
-        prog, cls.graph, cls, contribs, env, masked, batch, keep)
-    new = {(r, i) for r, i in contributing if r in removed and removed[r][i]}
-    if inexact == "fold" or not new:
-      return keep, leaves, folds, (forced, rounded, round_to), dense_out
-    for r, i in new:
-      forced.setdefault(r, set()).add(i)
-    removed, keep, rounded = decide()
-    contribs = fold_lib.contributions(prog, cls.graph, cls, keep, env)
-
-
-def _shapes_at_batch(prog, cls, batch, x_leaves):
-  """Dense value shapes with the batch axis at the size of ``x_leaves``."""
-  b = np.shape(x_leaves[0])[0] if x_leaves and np.ndim(x_leaves[0]) else None
-  sample = next((prog.shapes[v][0] for v in prog.inputs if prog.shapes[v]), None)
-  if b is None or b == sample:
-    return None
-  size = _class_sizes(cls, {}, {r: b for r in batch})
-  return lambda v: tuple(size(cls.root(n)) for n in cls.graph.dims[v])
-
-
-def sub_batch(x: Any, resizable: bool, n: int = 4) -> Any:
-  """The first ``n`` examples of ``x`` when the model allows another batch size."""
-  leaves = jax.tree.leaves(x)
-  if not resizable or not leaves or any(np.ndim(a) == 0 for a in leaves):
-    return x
-  return jax.tree.map(lambda a: a[:n], x)
-
-
-def max_diff(a_leaves, b_leaves) -> float:
-  """Largest absolute difference between two lists of arrays."""
-  return max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-              for a, b in zip(a_leaves, b_leaves) if np.size(a)), default=0.0)
 
 
 def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample_input: Any,
@@ -325,41 +113,40 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
       that prunes every channel of a layer, or a channel to remove that an
       operation the analysis does not know uses (naming the primitive and layer).
   """
+  _check_options(inexact, round_to)
+  leaves, treedef = jax.tree.flatten(variables)
+  names = leaf_paths(variables)
+  masks_ = leaf_masks(variables, masks)  # leaf index → full-shape bool
+  masked = masks_lib.masked_leaves(leaves, masks_)
+  prog = trace(apply_fn, treedef.unflatten(masked), sample_input)  # program
+  cls = plan_lib.group_classes(build_graph(prog))  # graph → classes
+  masks_lib.check_masks(cls, masks_, names)
+  batch = replay.batch_axis(prog, cls)
+  probe = replay.sub_batch(sample_input, batch.resizable)  # the folds' and checks' input
+  decide = functools.partial(plan_lib.decide, cls, masks_, names, round_to=round_to)
+  folding = fold_lib.fold_removed(prog, cls, decide, masked, jax.tree.leaves(probe), batch,
+                                  keep_inexact=inexact == "keep")  # decision → folds
+  small = replay.slim_program(prog, cls, folding.decision.keep, folding.leaves, batch)
+  slim_vars = treedef.unflatten(jax.device_put(small.leaves))
+  shapes = ([np.shape(x) for x in leaves], [x.shape for x in small.leaves])
+  report = dict(
+      layers=report_lib.layer_report(cls, masks_, folding.decision, names, shapes),
+      folds=report_lib.fold_report(folding.folds, names),
+      params=report_lib.param_counts(variables, treedef.unflatten(masked), slim_vars),
+      max_abs_diff=replay.max_diff(jax.tree.leaves(small.apply(slim_vars, probe)),
+                                   folding.reference) if verify else None,
+      max_abs_output=report_lib.max_abs(folding.reference),
+      batch_resizable=batch.resizable,
+      flops=report_lib.flop_counts(apply_fn, variables, small.apply, slim_vars, sample_input)
+      if count_flops else None)
+  return SlimModel(slim_vars, small.apply, report, treedef.unflatten(small.kept))
+
+
+def _check_options(inexact: str, round_to: int) -> None:
   if inexact not in _POLICIES:
     raise ValueError(f"inexact must be one of {_POLICIES}, got {inexact!r}.")
   if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
     raise ValueError(f"slim: round_to must be a positive int, got {round_to!r}.")
-  leaves, treedef = jax.tree.flatten(variables)
-  leaf_names = leaf_paths(variables)
-  masks_ = leaf_masks(variables, masks)
-  masked = [np.where(masks_[i], np.asarray(x), np.zeros((), np.asarray(x).dtype))
-            if i in masks_ else np.asarray(x) for i, x in enumerate(leaves)]
-  prog = trace(apply_fn, treedef.unflatten(masked), sample_input)
-  cls = plan_lib.group_classes(build_graph(prog))
-  _check_masks(cls, masks_, leaf_names)
-  batch = _batch_roots(prog, cls)
-  fixed = _batch_fixed_reason(prog, cls, batch)
-  probe = sub_batch(sample_input, fixed is None)
-  keep, folded, folds, kept_back, dense_out = _plan(
-      prog, cls, masks_, masked, jax.tree.leaves(probe), batch, leaf_names, inexact, round_to)
-  cut = [_slice(x, cls.graph.dims[v], cls, keep) for v, x in zip(prog.variables, folded)]
-  consts = {v: _slice(c, cls.graph.dims[v], cls, keep)[0] for v, c in prog.consts.items()}
-  slim_vars = treedef.unflatten(jax.device_put([x for x, _ in cut]))
-  slim_apply = _make_apply(prog, cls, keep, consts, batch, fixed)
-  report = dict(
-      layers=report_lib.layer_report(cls, masks_, keep, kept_back, leaf_names,
-                                     ([np.shape(x) for x in leaves], [x.shape for x, _ in cut])),
-      folds=report_lib.fold_report(folds, leaf_names),
-      params=dict(dense=report_lib.count(report_lib.params_of(variables)),
-                  masked=report_lib.count_nonzero(report_lib.params_of(treedef.unflatten(masked))),
-                  slim=report_lib.count(report_lib.params_of(slim_vars))),
-      max_abs_diff=max_diff(jax.tree.leaves(slim_apply(slim_vars, probe)), dense_out)
-      if verify else None,
-      max_abs_output=max((float(np.max(np.abs(a))) for a in dense_out if np.size(a)), default=0.),
-      batch_resizable=fixed is None,
-      flops=report_lib.flop_counts(apply_fn, variables, slim_apply, slim_vars, sample_input)
-      if count_flops else None)
-  return SlimModel(slim_vars, slim_apply, report, treedef.unflatten([k for _, k in cut]))
 
 
 def coupled_channels(apply_fn: Callable[[Any, Any], Any], variables: Any,

@@ -18,14 +18,16 @@ its largest deviation. A consumer without such a bias gets no fold.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
 
+from optax_splitlbi.slimming import replay
 from optax_splitlbi.slimming.graph import Contraction, DimGraph
-from optax_splitlbi.slimming.plan import Classes, atomic_indices
-from optax_splitlbi.slimming.program import Lit, Program
+from optax_splitlbi.slimming.plan import Classes, Decision, atomic_indices
+from optax_splitlbi.slimming.program import Lit, Program, record
 
 _RTOL = 1e-5
 _PASS_THROUGH = ("convert_element_type", "copy", "copy_p", "reduce_precision")
@@ -78,20 +80,30 @@ def _single_use_chain(prog: Program, users: dict, producer: dict, v: int) -> boo
     v = prog.ops[producer[v]].inputs[0]
 
 
-def fold_target(prog: Program, g: DimGraph, users: dict, producer: dict, out: int):
-  """Follows a consumer's output to the bias it meets.
+class FoldTarget(NamedTuple):
+  """Where a consumer's constant contribution ``e`` goes: ``sign · e · Π scales`` is
+  added to the variable behind ``bias``.
 
-  Returns:
-    ``(op index, bias operand id, sign, scale operand ids)`` or ``None``: the
-    contribution ``e`` is added to the bias variable as ``sign · e · Π scales``.
+  Attributes:
+    bias: the value id of the bias operand (a variable through layout ops).
+    sign: ``-1.0`` where the bias is subtracted (a BatchNorm mean), else ``1.0``.
+    scales: ``(operand, divides)`` of the constant scalings on the way.
   """
+
+  bias: int
+  sign: float
+  scales: list
+
+
+def fold_target(prog: Program, g: DimGraph, users: dict, producer: dict,
+                out: int) -> Optional[FoldTarget]:
+  """Follows a consumer's output to the bias it meets (``None``: it meets none)."""
   v, sign, scales = out, 1.0, []
   while True:
     us = users.get(v, ())
     if len(us) != 1:
       return None
-    k = us[0]
-    op = prog.ops[k]
+    op = prog.ops[us[0]]
     if op.name in _PASS_THROUGH:
       v = op.outputs[0]
       continue
@@ -112,7 +124,7 @@ def fold_target(prog: Program, g: DimGraph, users: dict, producer: dict, out: in
         return None
       if not _single_use_chain(prog, users, producer, other):
         return None
-      return k, other, sign * (-1.0 if op.name == "sub" else 1.0), scales
+      return FoldTarget(other, sign * (-1.0 if op.name == "sub" else 1.0), scales)
     v = op.outputs[0]
 
 
@@ -229,8 +241,23 @@ def _weight_axis(op, c: Contraction, j: int) -> Optional[int]:
   return None
 
 
+class Folded(NamedTuple):
+  """The removed channels' contributions added to the consumers' biases.
+
+  Attributes:
+    leaves: the variable leaves with the folds added (numpy copies).
+    folds: one :class:`Fold` per consumer that receives a nonzero contribution.
+    contributing: for the folds that are inexact or have no target, the atomic
+      ``(class, index)`` pairs whose removal caused them.
+  """
+
+  leaves: list
+  folds: list
+  contributing: set
+
+
 def fold_constants(prog: Program, g: DimGraph, cls: Classes, contribs: dict, env: dict,
-                   leaves: list, batch_roots: set, keep: dict):
+                   leaves: list, batch_roots: frozenset, keep: dict) -> Folded:
   """Adds every consumer's removed-channel contribution to its bias.
 
   Args:
@@ -243,9 +270,7 @@ def fold_constants(prog: Program, g: DimGraph, cls: Classes, contribs: dict, env
     keep: root → kept indices (see :func:`.plan.keep_indices`).
 
   Returns:
-    ``(new leaves, folds, contributing)``: ``contributing`` holds, for the folds
-    that are inexact or have no target, the atomic (class, index) pairs whose
-    removal caused them.
+    The :class:`Folded` leaves.
   """
   leaves = [np.array(x) for x in leaves]
   users, producer = prog.users(), prog.producer()
@@ -261,16 +286,72 @@ def fold_constants(prog: Program, g: DimGraph, cls: Classes, contribs: dict, env
       folds.append(Fold(op.where, None, False, scale, scale))
       contributing |= _contributing(prog, g, cls, keep, env, c)
       continue
-    _, other, sign, scales = tgt
-    for s, divide in scales:
+    for s, divide in tgt.scales:
       sv = np.asarray(s.val if isinstance(s, Lit) else env[s], np.float64)
       e = e / sv if divide else e * sv
-    leaf, axes = g.leaf_of[other]
-    delta, err = _leaf_delta(sign * e, axes, leaves[leaf].shape)
+    leaf, axes = g.leaf_of[tgt.bias]
+    delta, err = _leaf_delta(tgt.sign * e, axes, leaves[leaf].shape)
     leaves[leaf] = (leaves[leaf] + delta).astype(leaves[leaf].dtype)
     scale = float(np.max(np.abs(e)))  # in the units of the bias it goes into
     exact = err <= _RTOL * scale
     folds.append(Fold(op.where, leaf, exact, 0.0 if exact else err, scale))
     if not exact:
       contributing |= _contributing(prog, g, cls, keep, env, c)
-  return leaves, folds, contributing
+  return Folded(leaves, folds, contributing)
+
+
+class Folding(NamedTuple):
+  """The fold stage's value: the final decision and the folds made for it.
+
+  Attributes:
+    decision: the channels removed (less those ``keep_inexact`` brought back).
+    leaves: the masked variable leaves with the removed channels' contributions
+      added to the consumers' biases.
+    folds: one :class:`Fold` per consumer that receives a nonzero contribution.
+    reference: the masked dense model's flat outputs on the probe batch.
+  """
+
+  decision: Decision
+  leaves: list
+  folds: list
+  reference: list
+
+
+def fold_removed(prog: Program, cls: Classes, decide: Callable[[Mapping[int, set]], Decision],
+                 masked: Sequence[Any], probe: Sequence[Any], batch: replay.BatchAxis,
+                 keep_inexact: bool) -> Folding:
+  """Decides the removed channels and folds their constant values into the biases.
+
+  The masked model is recorded once on the ``probe`` input leaves. With
+  ``keep_inexact``, removed channels behind an inexact fold (or a consumer without a
+  bias) are forced back into the network and the decision and folds redone, until
+  every fold is exact.
+
+  Args:
+    prog, cls: the traced model (with masked variables) and its classes.
+    decide: forced keeps (root → indices) → :class:`~.plan.Decision`.
+    masked: the masked variable leaves (numpy).
+    probe: the input leaves the folds are computed on.
+    batch: the batch axis (the contributions must be the same for every example).
+    keep_inexact: keep channels that cannot be folded exactly (``inexact="keep"``).
+
+  Returns:
+    The :class:`Folding`.
+  """
+  decision = decide({})
+  todo, fn = contribution_fn(prog, cls.graph, cls, decision.keep)
+  rec = record(prog, masked, probe, needed_values(prog, cls.graph), extra=fn,
+               shape_of=replay.shapes_at_batch(prog, cls, batch, probe))
+  contribs = dict(zip(todo, rec.extra))
+  while True:
+    folded = fold_constants(prog, cls.graph, cls, contribs, rec.values, masked, batch.roots,
+                            decision.keep)
+    new = {(r, i) for r, i in folded.contributing
+           if r in decision.removed and decision.removed[r][i]}
+    if not keep_inexact or not new:
+      return Folding(decision, folded.leaves, folded.folds, rec.outputs)
+    forced = {r: set(idx) for r, idx in decision.forced.items()}
+    for r, i in new:
+      forced.setdefault(r, set()).add(i)
+    decision = decide(forced)
+    contribs = contributions(prog, cls.graph, cls, decision.keep, rec.values)

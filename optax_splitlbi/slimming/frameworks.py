@@ -10,10 +10,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from optax_splitlbi.slimming.api import SlimModel, leaf_paths, slim, sub_batch
+from optax_splitlbi.slimming.api import SlimModel, slim
+from optax_splitlbi.slimming.masks import leaf_paths
+from optax_splitlbi.slimming.replay import sub_batch
 
 
-def _check_same_outputs(expected, got, what: str) -> None:
+def check_same_outputs(expected: Any, got: Any, what: str) -> None:
+  """Raises a ValueError naming ``what`` where ``got`` differs from ``expected``."""
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(a).max())):
@@ -61,7 +64,7 @@ def slim_linen(model, variables: Any, masks: Any, sample_input: Any, *, inexact:
   if not verify:
     return dataclasses.replace(res, module=new)
   probe = sub_batch(sample_input, res.report["batch_resizable"])
-  _check_same_outputs(
+  check_same_outputs(
       res.apply_fn(res.variables, probe),
       jax.jit(lambda v, x: new.apply(v, x, **apply_kwargs))(res.variables, probe),
       f"slim_linen: {type(model).__name__}.resized(...)")
@@ -147,6 +150,6 @@ def slim_nnx(model, masks: Any, sample_input: Any, *, inexact: str = "fold",
   if not verify:
     return dataclasses.replace(res, module=new)
   probe = sub_batch(sample_input, res.report["batch_resizable"])
-  _check_same_outputs(res.apply_fn(res.variables, probe), nnx.jit(lambda m, x: m(x))(new, probe),
+  check_same_outputs(res.apply_fn(res.variables, probe), nnx.jit(lambda m, x: m(x))(new, probe),
                       f"slim_nnx: the rebuilt {type(model).__name__}")
   return dataclasses.replace(res, module=new)

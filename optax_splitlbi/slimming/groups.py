@@ -20,6 +20,7 @@ import jax
 from optax_splitlbi import penalties as penalties_lib
 from optax_splitlbi.slimming import plan as plan_lib
 from optax_splitlbi.slimming.graph import build_graph
+from optax_splitlbi.slimming.masks import strip_value
 from optax_splitlbi.slimming.program import trace
 
 _MEMBERS = ("producers", "consumers")
@@ -40,10 +41,6 @@ class _Params:
   tree: Any
 
 
-def _strip_value(name: str) -> str:
-  return name[:-len("/value")] if name.endswith("/value") else name
-
-
 def params_of(variables: Any) -> _Params:
   """The params leaves of ``variables`` (Linen / NNX: ``variables["params"]``)."""
   nested = isinstance(variables, Mapping) and "params" in variables
@@ -54,7 +51,7 @@ def params_of(variables: Any) -> _Params:
         continue
       path = path[1:]
     order[k] = len(paths)
-    paths[k] = _strip_value(penalties_lib.path_str(path))
+    paths[k] = strip_value(penalties_lib.path_str(path))
   return _Params(paths, order, variables["params"] if nested else variables)
 
 

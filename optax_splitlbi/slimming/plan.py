@@ -12,14 +12,16 @@ A class that is a piece of a composite (a flattened ``H·W·C``, a concatenation
 a head split) sees the sites of the composite: ``c`` is removable only if it is
 removable in every composite index it takes part in. The composite's own kept
 indices are derived from its pieces (products of kept indices, or the kept
-indices of each segment at its offset).
+indices of each segment at its offset). :func:`decide` returns the whole
+:class:`Decision`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Optional
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -28,6 +30,8 @@ from optax_splitlbi.slimming.graph import DimGraph, Site
 
 @dataclasses.dataclass(frozen=True)
 class Composite:
+  """A class whose indices are made of other classes' (see the module docstring)."""
+
   kind: str                # "product" or "segment"
   coarse: int              # class root
   parts: tuple[int, ...]   # class roots, row-major factors or concatenated segments
@@ -52,6 +56,17 @@ class Classes:
 
   def is_atomic(self, r: int) -> bool:
     return not self.coarse_of.get(r)
+
+  def made_two_ways(self, r: int) -> bool:
+    """Whether ``r`` is the composite of two different factorizations (its pieces are
+    then locked and it keeps all of its indices)."""
+    return len({self.composites[ci].parts for ci in self.coarse_of.get(r, ())}) > 1
+
+  def composite(self, r: int) -> Optional[Composite]:
+    """The composite whose pieces make ``r``'s indices (and size), or ``None``: ``r`` is
+    atomic or made two ways. The one place that says when a class is a composite."""
+    cis = self.coarse_of.get(r, ())
+    return None if not cis or self.made_two_ways(r) else self.composites[cis[0]]
 
   def ancestors(self, r: int) -> list[int]:
     """Composite classes that contain ``r`` (transitively), nearest first."""
@@ -84,7 +99,7 @@ def group_classes(g: DimGraph) -> Classes:
   cls = Classes(g, size, comps, dict(containers), dict(coarse_of), by_root(g.producers),
                 by_root(g.consumers), locks, unknown)
   for r, cis in coarse_of.items():
-    if len({comps[ci].parts for ci in cis}) > 1:  # two different factorizations
+    if cls.made_two_ways(r):
       for ci in cis:
         for p in comps[ci].parts:
           cls.locks[p].append(("reshape", "split / merged in two different ways"))
@@ -211,22 +226,78 @@ def keep_indices(cls: Classes, removed: dict) -> dict:
                          lambda r: cls.size[r])
 
 
+class Decision(NamedTuple):
+  """The decide stage's value: the channels of every class that go and that stay.
+
+  Attributes:
+    removed: atomic root → bool per channel, True where it is removed.
+    keep: root → sorted kept indices, for every class (composites too).
+    forced: root → removable indices kept because their constant value reaches a
+      consumer that cannot absorb it exactly (``inexact="keep"``).
+    rounded: root → removable indices kept back to round the width (``round_to``).
+    round_to: every class that loses channels keeps a multiple of it.
+  """
+
+  removed: dict
+  keep: dict
+  forced: dict
+  rounded: dict
+  round_to: int
+
+
+def decide(cls: Classes, masks: Mapping[int, np.ndarray], names: Sequence[str],
+           forced: Mapping[int, set], round_to: int) -> Decision:
+  """Which channels ``slim`` removes: the removable ones but ``forced`` and those kept
+  back for ``round_to``.
+
+  Raises:
+    ValueError: a channel to remove is used by an operation the analysis does not
+      know, or the masks remove every channel of a class (naming the layers).
+  """
+  removed = removable(cls, masks, forced)
+  _check_removal(cls, removed, names)
+  rounded = round_up(removed, round_to)
+  for r, idx in rounded.items():
+    removed[r][sorted(idx)] = False
+  return Decision(removed, keep_indices(cls, removed), dict(forced), rounded, round_to)
+
+
+def _check_removal(cls: Classes, removed: dict, names: Sequence[str]) -> None:
+  for r, rm in removed.items():
+    if not rm.any():
+      continue
+    unknown = unknown_of(cls, r)
+    if unknown:
+      raise ValueError(
+          f"slim: cannot remove channels of {_layers_of(cls, r, names)}: "
+          f"{unknown[0]} uses them and the dependency analysis does not understand it.")
+    if rm.all():
+      raise ValueError(f"slim: the masks remove every channel shared by "
+                       f"{_layers_of(cls, r, names)}; keep at least one.")
+
+
+def _layers_of(cls: Classes, r: int, names: Sequence[str]) -> str:
+  """The variables with a site in class ``r`` or a composite containing it, for messages."""
+  sites = [s for c in [r] + cls.ancestors(r) for s in list(cls.producers.get(c, ())) +
+           list(cls.consumers.get(c, ())) if s.leaf is not None]
+  return ", ".join(repr(n) for n in sorted({names[s.leaf] for s in sites})) or "a dimension"
+
+
 def compose_indices(cls: Classes, atomic: dict, size) -> dict:
   """root → indices for every class: ``atomic`` gives those of some atomic classes
-  (others: all of theirs); a composite's are made of its pieces' (products of
-  indices, or each segment's at its offset), in a layout where class ``r`` has
-  ``size(r)`` entries (the dense sizes when slimming, the wide ones when widening).
-  The one place that says how a composite's indices follow from its pieces'."""
+  (others: all of theirs); a composite's (:meth:`Classes.composite`) are made of its
+  pieces' (products of indices, or each segment's at its offset), in a layout where
+  class ``r`` has ``size(r)`` entries (the dense sizes when slimming, the wide ones
+  when widening)."""
   out: dict = dict(atomic)
 
   def get(r: int) -> np.ndarray:
     if r in out:
       return out[r]
-    cis = cls.coarse_of.get(r, ())
-    if not cis or len({cls.composites[ci].parts for ci in cis}) > 1:
+    comp = cls.composite(r)
+    if comp is None:
       out[r] = np.arange(cls.size[r])
       return out[r]
-    comp = cls.composites[cis[0]]
     parts = [get(p) for p in comp.parts]
     if comp.kind == "segment":
       offsets = np.cumsum([0] + [size(p) for p in comp.parts[:-1]])
@@ -243,7 +314,9 @@ def compose_indices(cls: Classes, atomic: dict, size) -> dict:
 
 
 def atomic_indices(cls: Classes, r: int, i: int) -> list[tuple[int, int]]:
-  """The atomic (class, index) pairs that composite index ``i`` of ``r`` is made of."""
+  """The atomic (class, index) pairs that composite index ``i`` of ``r`` is made of
+  (through its first factorization where ``r`` is made two ways: those pieces are
+  locked, which is why it keeps its channels)."""
   cis = cls.coarse_of.get(r, ())
   if not cis:
     return [(r, i)]

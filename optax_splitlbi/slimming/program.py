@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -256,9 +256,23 @@ def evaluate(prog: Program, variables: Sequence[Any], inputs: Sequence[Any], *,
   return (outs, env) if record else outs
 
 
+class Recording(NamedTuple):
+  """One run of a program, kept: its outputs and chosen intermediate values.
+
+  Attributes:
+    outputs: the flat outputs (numpy).
+    values: value id → numpy array, for the ids asked for.
+    extra: the result of ``record``'s ``extra`` function (numpy leaves), or ``None``.
+  """
+
+  outputs: list
+  values: dict
+  extra: Any
+
+
 def record(prog: Program, variables: Sequence[Any], inputs: Sequence[Any],
            wanted: Sequence[int], extra: Optional[Callable[[Callable], Any]] = None,
-           shape_of: Optional[Callable[[int], tuple]] = None):
+           shape_of: Optional[Callable[[int], tuple]] = None) -> Recording:
   """Runs ``prog`` once (jitted) and returns outputs and chosen intermediate values.
 
   Args:
@@ -270,7 +284,7 @@ def record(prog: Program, variables: Sequence[Any], inputs: Sequence[Any],
     shape_of: see :func:`evaluate` (e.g. another batch size).
 
   Returns:
-    ``(outputs, {value id: numpy array}, extra result)``.
+    A :class:`Recording`.
   """
   wanted = sorted(set(wanted))
 
@@ -280,4 +294,4 @@ def record(prog: Program, variables: Sequence[Any], inputs: Sequence[Any],
 
   outs, values, more = jax.jit(run)(list(variables), list(inputs))
   as_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
-  return as_np(outs), dict(zip(wanted, as_np(values))), as_np(more)
+  return Recording(as_np(outs), dict(zip(wanted, as_np(values))), as_np(more))

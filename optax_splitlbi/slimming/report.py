@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from optax_splitlbi.slimming.fold import Fold
-from optax_splitlbi.slimming.plan import (Classes, atomic_indices, locks_of, site_pruned)
+from optax_splitlbi.slimming.plan import (Classes, Decision, atomic_indices, locks_of,
+                                          site_pruned)
 
 
 def _indices_above(cls: Classes, r: int, i: int) -> dict[int, np.ndarray]:
@@ -33,20 +34,17 @@ def _indices_above(cls: Classes, r: int, i: int) -> dict[int, np.ndarray]:
   return out
 
 
-def _why_kept(cls: Classes, masks: dict, kept_back: tuple, names: list, r: int, i: int) -> list:
-  """Reasons atomic channel (r, i) stays although some layer pruned it.
-
-  ``kept_back``: (forced by the fold policy, kept for rounding, round_to).
-  """
-  forced, rounded, round_to = kept_back
+def _why_kept(cls: Classes, masks: dict, decision: Decision, names: list, r: int,
+              i: int) -> list:
+  """Reasons atomic channel (r, i) stays although some layer pruned it."""
   locks = locks_of(cls, r)
   if locks:
     return sorted({text for _, text in locks})[:2]
-  if i in forced.get(r, ()):
+  if i in decision.forced.get(r, ()):
     return ["its constant value reaches a consumer that cannot absorb it exactly "
             "(inexact='keep')"]
-  if i in rounded.get(r, ()):
-    return [f"the width is rounded up to a multiple of {round_to} (round_to)"]
+  if i in decision.rounded.get(r, ()):
+    return [f"the width is rounded up to a multiple of {decision.round_to} (round_to)"]
   keepers = set()
   for c, idx in _indices_above(cls, r, i).items():
     for s in cls.producers.get(c, ()):
@@ -56,9 +54,12 @@ def _why_kept(cls: Classes, masks: dict, kept_back: tuple, names: list, r: int, 
   return sorted(keepers) or ["its consumers read it"]
 
 
-def layer_report(cls: Classes, masks: dict, keep: dict, kept_back: tuple, names: list,
+def layer_report(cls: Classes, masks: dict, decision: Decision, names: list,
                  shapes: tuple[list, list]) -> dict:
-  """Per kernel leaf: groups before / after and why pruned groups were kept."""
+  """Per kernel leaf: groups before / after and why pruned groups were kept.
+
+  ``shapes``: the dense and the slim shapes of every variable leaf.
+  """
   by_leaf = collections.defaultdict(list)
   for r, sites in cls.producers.items():
     for s in sites:
@@ -70,11 +71,11 @@ def layer_report(cls: Classes, masks: dict, keep: dict, kept_back: tuple, names:
       n = cls.size[r]
       pruned = site_pruned(s, masks, n)
       kept = np.zeros(n, bool)
-      kept[keep[r]] = True
+      kept[decision.keep[r]] = True
       reasons: collections.Counter = collections.Counter()
       for i in np.flatnonzero(pruned & kept):
         for ar, ai in atomic_indices(cls, r, int(i)):
-          for why in _why_kept(cls, masks, kept_back, names, ar, ai):
+          for why in _why_kept(cls, masks, decision, names, ar, ai):
             reasons[why] += 1
       key = names[leaf] if len(items) == 1 else f"{names[leaf]}[axis {s.axis}]"
       layers[key] = dict(
@@ -85,9 +86,21 @@ def layer_report(cls: Classes, masks: dict, keep: dict, kept_back: tuple, names:
 
 
 def fold_report(folds: list[Fold], names: list) -> list[dict]:
+  """Per fold: the consumer, the variable it went into, its exactness and size."""
   return [dict(consumer=f.consumer, into=None if f.target is None else names[f.target],
                exact=f.exact, max_error=f.max_error, contribution=f.contribution)
           for f in folds]
+
+
+def param_counts(dense: Any, masked: Any, slim: Any) -> dict:
+  """Parameters of the dense, the masked (nonzero) and the slim variables."""
+  return dict(dense=count(params_of(dense)), masked=count_nonzero(params_of(masked)),
+              slim=count(params_of(slim)))
+
+
+def max_abs(leaves: list) -> float:
+  """Largest absolute entry of a list of arrays."""
+  return max((float(np.max(np.abs(a))) for a in leaves if np.size(a)), default=0.)
 
 
 def count(tree: Any) -> int:

@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_splitlbi import penalties as penalties_lib
-from optax_splitlbi.slimming import api as api_lib
 from optax_splitlbi.slimming import frameworks
 from optax_splitlbi.slimming import groups as groups_lib
+from optax_splitlbi.slimming import masks as masks_lib
 from optax_splitlbi.slimming import plan as plan_lib
+from optax_splitlbi.slimming import replay
 from optax_splitlbi.slimming.graph import build_graph
 from optax_splitlbi.slimming.program import trace
 
@@ -131,7 +132,7 @@ def old_entries(wide: "WideModel", tree: Any) -> Any:
   params = _param_paths(wide)
 
   def cut(path, x):
-    index = _index_of(api_lib._strip_value(penalties_lib.path_str(path)), params)  # pylint: disable=protected-access
+    index = _index_of(masks_lib.strip_value(penalties_lib.path_str(path)), params)
     if index is None or np.ndim(x) != len(index):
       return x
     x = np.asarray(x)
@@ -184,10 +185,10 @@ def _resolve(extra: Mapping, cls: plan_lib.Classes, prog, variables: Any) -> dic
   """
   params = groups_lib.params_of(variables)
   names = {name: r for r, (name, _) in groups_lib.named_classes(cls, prog, params).items()}
-  full = api_lib.leaf_paths(variables)
+  full = masks_lib.leaf_paths(variables)
   by_path = {}
   for k, name in enumerate(full):
-    by_path[api_lib._strip_value(name)] = k  # pylint: disable=protected-access
+    by_path[masks_lib.strip_value(name)] = k
     if k in params.paths:
       by_path.setdefault(params.paths[k], k)
   outputs: dict = {}
@@ -210,7 +211,7 @@ def _root_of(key: Key, names: dict, by_path: dict, outputs: dict, cls, prog) -> 
   if isinstance(key, str) and key in names:
     return names[key]
   path, axis = (key if isinstance(key, tuple) and len(key) == 2 else (key, None))
-  leaf = by_path.get(api_lib._strip_value(path)) if isinstance(path, str) else None  # pylint: disable=protected-access
+  leaf = by_path.get(masks_lib.strip_value(path)) if isinstance(path, str) else None
   if leaf is None:
     raise ValueError(f"widen: {key!r} names no channel class ({sorted(names)[:8]}...) and no "
                      "variable leaf; give a class name, a kernel path or (path, axis).")
@@ -263,8 +264,7 @@ class _Layout:
 
 
 def _layout(cls: plan_lib.Classes, prog, grown: dict) -> _Layout:
-  size = api_lib._class_sizes(  # pylint: disable=protected-access
-      cls, {}, {r: cls.size[r] + k for r, (_, k) in grown.items()})
+  size = replay.class_sizes(cls, {}, {r: cls.size[r] + k for r, (_, k) in grown.items()})
   positions = plan_lib.compose_indices(cls, {r: np.arange(cls.size[r]) for r in grown}, size)
   outputs = [set() for _ in prog.variables]
   for s in cls.graph.producers:
@@ -308,7 +308,7 @@ def _widen_leaf(x, name: str, shape: tuple, index: tuple, outputs: set, draw) ->
   x = np.asarray(x)
   if all(i is None for i in index):
     return x
-  fill = _ATTACHED_FILL.get(api_lib._strip_value(name).rsplit("/", 1)[-1], 0.0)  # pylint: disable=protected-access
+  fill = _ATTACHED_FILL.get(masks_lib.strip_value(name).rsplit("/", 1)[-1], 0.0)
   out = embed_array(x, np.full(shape, fill if not outputs else 0.0, x.dtype), index)
   incoming = _new_entries(index, shape, outputs)
   if incoming.any():
@@ -393,7 +393,7 @@ def widen(apply_fn: Callable[[Any, Any], Any], variables: Any, extra: Mapping[Ke
       class read by an operation that mixes channels, as a LayerNorm over them).
   """
   leaves, treedef = jax.tree.flatten(variables)
-  names = api_lib.leaf_paths(variables)
+  names = masks_lib.leaf_paths(variables)
   prog = trace(apply_fn, variables, sample_input)
   cls = plan_lib.group_classes(build_graph(prog))
   grown = _resolve(extra, cls, prog, variables)
@@ -402,15 +402,14 @@ def widen(apply_fn: Callable[[Any, Any], Any], variables: Any, extra: Mapping[Ke
   wide = [_widen_leaf(x, names[i], layout.shapes[i], layout.index[i], layout.outputs[i], draw(i))
           for i, x in enumerate(leaves)]
   wide_vars = treedef.unflatten(jax.device_put(wide))
-  batch = api_lib._batch_roots(prog, cls)  # pylint: disable=protected-access
-  fixed = api_lib._batch_fixed_reason(prog, cls, batch)  # pylint: disable=protected-access
+  batch = replay.batch_axis(prog, cls)
   keep = {r: np.arange(cls.size[r] + k) for r, (_, k) in grown.items()}
-  wide_apply = api_lib._make_apply(prog, cls, keep, prog.consts, batch, fixed)  # pylint: disable=protected-access
+  wide_apply = replay.make_apply(prog, cls, keep, prog.consts, batch)
   diff = None
   if verify:
-    probe = api_lib.sub_batch(sample_input, fixed is None)
+    probe = replay.sub_batch(sample_input, batch.resizable)
     before = jax.tree.leaves(apply_fn(variables, probe))
-    diff = api_lib.max_diff(jax.tree.leaves(wide_apply(wide_vars, probe)), before)
+    diff = replay.max_diff(jax.tree.leaves(wide_apply(wide_vars, probe)), before)
     scale = max((float(np.max(np.abs(a))) for a in before if np.size(a)), default=0.0)
     if diff > 1e-5 * max(1.0, scale):
       raise ValueError(
@@ -456,8 +455,8 @@ def widen_linen(model, variables: Any, extra: Mapping[Key, int], sample_input: A
               key=key, init=module_init if init == "module" else init, verify=verify)
   new = model.resized(jax.tree.map(np.shape, res.variables["params"]))
   if verify:
-    probe = api_lib.sub_batch(sample_input, True)
-    frameworks._check_same_outputs(  # pylint: disable=protected-access
+    probe = replay.sub_batch(sample_input, True)
+    frameworks.check_same_outputs(
         res.apply_fn(res.variables, probe),
         jax.jit(lambda v, x: new.apply(v, x, **apply_kwargs))(res.variables, probe),
         f"widen_linen: {type(model).__name__}.resized(...)")
@@ -486,8 +485,8 @@ def widen_nnx(model, extra: Mapping[Key, int], sample_input: Any, *, key: jax.Ar
   res = widen(apply_fn, variables, extra, sample_input, key=key, init=init, verify=verify)
   new = rebuild(res.variables)
   if verify:
-    probe = api_lib.sub_batch(sample_input, True)
-    frameworks._check_same_outputs(  # pylint: disable=protected-access
+    probe = replay.sub_batch(sample_input, True)
+    frameworks.check_same_outputs(
         res.apply_fn(res.variables, probe), nnx.jit(lambda m, x: m(x))(new, probe),
         f"widen_nnx: the rebuilt {type(model).__name__}")
   return dataclasses.replace(res, module=new)
@@ -502,7 +501,7 @@ def _param_paths(wide: WideModel) -> dict:
   index = wide.index
   if isinstance(tree, Mapping) and "params" in tree:
     tree, index = tree["params"], index["params"]
-  paths = [api_lib._strip_value(p) for p in api_lib.leaf_paths(tree)]  # pylint: disable=protected-access
+  paths = [masks_lib.strip_value(p) for p in masks_lib.leaf_paths(tree)]
   return dict(zip(paths, jax.tree.structure(tree).flatten_up_to(index)))
 
 
@@ -546,7 +545,7 @@ def widen_state(wide: WideModel, state: Any, fresh: Any) -> Any:
                      "structure (the same optimizer, built for the widened params?).")
   out = []
   for (path, old), (_, new) in zip(old_leaves, new_leaves):
-    name = api_lib._strip_value(penalties_lib.path_str(path))  # pylint: disable=protected-access
+    name = masks_lib.strip_value(penalties_lib.path_str(path))
     if np.shape(old) == np.shape(new):
       x = np.asarray(old)
     else:
