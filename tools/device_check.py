@@ -116,7 +116,10 @@ def parse_verbose_log(text: str) -> dict:
 def _pytest_args(k: str, junit: str, workers: int) -> list[str]:
   args = [*TEST_FILES, "-k", k, "-vv", "-p", "no:cacheprovider", f"--junitxml={junit}",
           "-p", PLUGIN, "--continue-on-collection-errors"]
-  return args + (["-n", str(workers)] if workers > 1 else [])
+  if workers > 1:
+    return args + ["-n", str(workers)]
+  # one process, also where the project's addopts ask xdist for a worker per core
+  return args + (["-n", "0"] if importlib.util.find_spec("xdist") else [])
 
 
 def _pytest_run(args: list[str], log: str, deadline: float) -> dict:
