@@ -228,7 +228,7 @@ def run_sections(res: dict, plan: list[Section], deadline: float, log: Log,
       log(f"[benchmarks] {name}: skipped, {max(left, 0):.0f} s of the budget left")
       continue
     limit = left if cap is None else min(cap, left)
-    log(f"[benchmarks] {name}: start (up to {limit:.0f} s)")
+    log(f"[benchmarks] {name}: start" + (f" (up to {limit:.0f} s)" if limit < 1e9 else ""))
     try:
       res["sections"][name] = runner(time.time() + limit)
     except Exception as e:  # pylint: disable=broad-except
@@ -353,6 +353,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return ap.parse_args(argv)
 
 
+def rerender(json_path: str) -> None:
+  """Writes the markdown of a results JSON beside it (``results.json`` -> ``RESULTS.md``)."""
+  with open(json_path) as f:
+    res = json.load(f)
+  md_path = os.path.join(os.path.dirname(json_path), report.markdown_name(json_path))
+  with open(md_path, "w") as f:
+    f.write(report.render(res))
+  print(f"wrote {md_path}")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   a = parse_args(argv)
@@ -360,28 +370,24 @@ def main(argv: list[str] | None = None) -> int:
     worker(a)
     return 0
   if a.render:
-    with open(a.render) as f:
-      res = json.load(f)
-    md_path = os.path.join(os.path.dirname(a.render), report.markdown_name(a.render))
-    with open(md_path, "w") as f:
-      f.write(report.render(res))
-    print(f"wrote {md_path}")
+    rerender(a.render)
     return 0
-  mode = ("smoke" if a.smoke else "device") if a.device else "quick" if a.quick else "full"
-  budget = a.budget_s if a.budget_s is not None else 300.0 if a.device else float("inf")
   if a.device and not a.out:
     raise SystemExit("--device needs --out DIR (its logs go there)")
+  mode = ("smoke" if a.smoke else "device") if a.device else "quick" if a.quick else "full"
+  budget = a.budget_s if a.budget_s is not None else 300.0 if a.device else float("inf")
   md_path, json_path = output_paths(a)
   res = new_results(mode, budget, ["python", "-m", "benchmarks.run", *argv])
-  t0 = time.time()
-  log = Log(a.out if a.device else None)
+  t0, log = time.time(), Log(a.out if a.device else None)
   if a.device:
-    run_sections(res, device_plan(a.smoke, a.out), t0 + budget, log, json_path, MIN_SECTION_S
-                 if not a.smoke else 1.0)
+    plan, min_section_s = device_plan(a.smoke, a.out), 1.0 if a.smoke else MIN_SECTION_S
   else:
     res["machine"] = common.machine_info()
-    run_sections(res, cpu_plan(a.quick, tuple(a.only)), t0 + budget, log, json_path)
-    res["notes"] = open(a.notes).read() if a.notes else None  # pylint: disable=consider-using-with
+    plan, min_section_s = cpu_plan(a.quick, tuple(a.only)), 1.0
+  run_sections(res, plan, t0 + budget, log, json_path, min_section_s)
+  if a.notes and not a.device:
+    with open(a.notes) as f:
+      res["notes"] = f.read()
   res["total_s"], res["loadavg_end"] = time.time() - t0, os.getloadavg()
   finish(res, md_path, json_path)
   if a.device:
