@@ -9,6 +9,7 @@ section killed at its time limit still reports what it measured.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 
 from benchmarks import common, measure, shapes
@@ -65,7 +66,6 @@ def update(mode: str, deadline: float = measure.NEVER, progress: Progress = _ign
           f"{n} {o['median'] * 1e3:.3f} ms ({o['x_bound']:.2f}x bound)"
           for n, o in r["opts"].items()), flush=True)
     except Exception:  # pylint: disable=broad-except
-      import traceback  # pylint: disable=import-outside-toplevel
       res["errors"][name] = traceback.format_exc()[-3000:]
       print(f"[update] {name} failed:\n{res['errors'][name]}", flush=True)
     progress(res)
