@@ -1,7 +1,7 @@
 """House rules of the package, checked on its source.
 
 - No function longer than 60 lines of code (its docstring not counted), in the
-  package and in ``examples/`` and ``benchmarks/``.
+  package and in ``examples/``, ``benchmarks/`` and ``tools/``.
 - XLA:CPU workarounds only in ``_xla_cpu.py``: no other module reads
   ``os.environ`` / ``XLA_FLAGS`` or calls ``platform_dependent``.
 - The public API is ``__all__``, every name in it documented.
@@ -17,7 +17,7 @@ import optax_splitlbi as sl
 PACKAGE = pathlib.Path(sl.__file__).parent
 ROOT = PACKAGE.parent
 SOURCES = sorted(PACKAGE.rglob("*.py"))
-ALL_SOURCES = SOURCES + sorted(p for d in ("examples", "benchmarks") for p in (ROOT / d).rglob("*.py"))
+ALL_SOURCES = SOURCES + sorted(p for d in ("examples", "benchmarks", "tools") for p in (ROOT / d).rglob("*.py"))
 MAX_LINES = 60
 
 

@@ -103,7 +103,7 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
     round_to: keep a multiple of this many channels in every class that loses
       some (pruned channels are kept back, lowest index first; still exact).
       Accelerators and XLA:CPU run odd channel counts slowly: 8 is a good value
-      for GPUs (benchmarks/RESULTS.md).
+      for GPUs (benchmarks/results/RESULTS.md).
 
   Returns:
     A :class:`SlimModel`.
