@@ -53,6 +53,14 @@ def _flatten(x):
   return x.reshape((x.shape[0], -1))
 
 
+def _dense_head(x, hidden: Sequence[int], num_classes: int):
+  """Flattens ``x``, then ReLU dense layers of widths ``hidden``, then the logits."""
+  x = _flatten(x)
+  for h in hidden:
+    x = nn.relu(nn.Dense(h)(x))
+  return nn.Dense(num_classes)(x)
+
+
 def _out(shapes: Any, name: str) -> int:
   """Output features of layer ``name`` in a params-shaped tree of shapes."""
   return int(shapes[name]["kernel"][-1])
@@ -62,31 +70,36 @@ def _widths(shapes: Any, prefix: str, n: int, start: int = 0) -> tuple[int, ...]
   return tuple(_out(shapes, f"{prefix}_{i}") for i in range(start, start + n))
 
 
-class DigitsCNN(nn.Module):
-  """A small CNN for the 8×8 scikit-learn digits: conv-conv-pool-dense-dense."""
+class _ConvDense(nn.Module):
+  """Convs of widths ``features``, then ReLU dense layers of widths ``hidden``, then
+  the logits (``num_classes``); ``resized`` reads both width lists back."""
 
   num_classes: int = 10
+  features: Sequence[int] = ()
+  hidden: Sequence[int] = ()
+
+  def resized(self, shapes: Any) -> "_ConvDense":
+    return self.clone(features=_widths(shapes, "Conv", len(self.features)),
+                      hidden=_widths(shapes, "Dense", len(self.hidden)))
+
+
+class DigitsCNN(_ConvDense):
+  """A small CNN for the 8×8 scikit-learn digits: conv-conv-pool-dense-dense."""
+
   features: Sequence[int] = (16, 32)
-  hidden: int = 64
+  hidden: Sequence[int] = (64,)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     del train
     for f in self.features:
       x = nn.relu(nn.Conv(f, (3, 3), kernel_init=he_normal)(x))
-    x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.relu(nn.Dense(self.hidden)(_flatten(x)))
-    return nn.Dense(self.num_classes)(x)
-
-  def resized(self, shapes: Any) -> "DigitsCNN":
-    return self.clone(features=_widths(shapes, "Conv", len(self.features)),
-                      hidden=_out(shapes, "Dense_0"))
+    return _dense_head(nn.max_pool(x, (2, 2), (2, 2)), self.hidden, self.num_classes)
 
 
-class LeNet5(nn.Module):
+class LeNet5(_ConvDense):
   """LeNet-5 (LeCun et al. 1998): conv5×5(6, SAME)-pool-conv5×5(16)-pool-120-84."""
 
-  num_classes: int = 10
   features: Sequence[int] = (6, 16)
   hidden: Sequence[int] = (120, 84)
 
@@ -96,41 +109,26 @@ class LeNet5(nn.Module):
     x = nn.relu(nn.Conv(self.features[0], (5, 5), padding="SAME", kernel_init=he_normal)(x))
     x = nn.max_pool(x, (2, 2), (2, 2))
     x = nn.relu(nn.Conv(self.features[1], (5, 5), padding="VALID", kernel_init=he_normal)(x))
-    x = nn.max_pool(x, (2, 2), (2, 2))
-    x = _flatten(x)
-    x = nn.relu(nn.Dense(self.hidden[0])(x))
-    x = nn.relu(nn.Dense(self.hidden[1])(x))
-    return nn.Dense(self.num_classes)(x)
-
-  def resized(self, shapes: Any) -> "LeNet5":
-    return self.clone(features=_widths(shapes, "Conv", 2), hidden=_widths(shapes, "Dense", 2))
+    return _dense_head(nn.max_pool(x, (2, 2), (2, 2)), self.hidden, self.num_classes)
 
 
-class LeNet3(nn.Module):
+class LeNet3(_ConvDense):
   """LeNet-300-100, the "LeNet-3" of App. D (FC1 784×300, FC2 300×100, FC3)."""
 
-  num_classes: int = 10
   hidden: Sequence[int] = (300, 100)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     del train
-    x = _flatten(x)
-    for h in self.hidden:
-      x = nn.relu(nn.Dense(h)(x))
-    return nn.Dense(self.num_classes)(x)
-
-  def resized(self, shapes: Any) -> "LeNet3":
-    return self.clone(hidden=_widths(shapes, "Dense", len(self.hidden)))
+    return _dense_head(x, self.hidden, self.num_classes)
 
 
-class ConvN(nn.Module):
+class ConvN(_ConvDense):
   """Conv-2 / Conv-4 / Conv-6 of Frankle & Carbin (2019), used in App. D.
 
   3×3 SAME convs, 2×2 max-pool after every two convs, then dense 256-256-classes.
   """
 
-  num_classes: int = 10
   features: Sequence[int] = (64, 64)
   hidden: Sequence[int] = (256, 256)
 
@@ -141,44 +139,11 @@ class ConvN(nn.Module):
       x = nn.relu(nn.Conv(f, (3, 3), kernel_init=he_normal)(x))
       if i % 2 == 1:
         x = nn.max_pool(x, (2, 2), (2, 2))
-    x = _flatten(x)
-    for h in self.hidden:
-      x = nn.relu(nn.Dense(h)(x))
-    return nn.Dense(self.num_classes)(x)
-
-  def resized(self, shapes: Any) -> "ConvN":
-    return self.clone(features=_widths(shapes, "Conv", len(self.features)),
-                      hidden=_widths(shapes, "Dense", len(self.hidden)))
+    return _dense_head(x, self.hidden, self.num_classes)
 
 
 def _bn(train: bool, **kw):
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, **kw)
-
-
-class BasicBlock(nn.Module):
-  """ResNet basic block: 3×3 conv-BN-ReLU-3×3 conv-BN + (projected) shortcut.
-
-  ``widths`` (conv widths, default ``(features, features)``) and ``project``
-  (default: when the shape changes) describe slimmed blocks.
-  """
-
-  features: int
-  strides: int = 1
-  widths: Optional[Sequence[int]] = None
-  project: Optional[bool] = None
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    inner, out = self.widths or (self.features, self.features)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal)
-    y = conv(inner, (3, 3), (self.strides, self.strides))(x)
-    y = nn.relu(_bn(train)(y))
-    y = conv(out, (3, 3))(y)
-    y = _bn(train, scale_init=nn.initializers.zeros_init())(y)
-    if _projects(self.project, x, out, self.strides):
-      x = conv(out, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
-      x = _bn(train, name="proj_bn")(x)
-    return nn.relu(x + y)
 
 
 def _projects(project: Optional[bool], x, features: int, strides: int) -> bool:
@@ -187,16 +152,41 @@ def _projects(project: Optional[bool], x, features: int, strides: int) -> bool:
   return x.shape[-1] != features or strides != 1
 
 
-class BottleneckBlock(nn.Module):
-  """ResNet bottleneck block: 1×1 (f) - 3×3 (f, stride) - 1×1 (4f) + shortcut.
-
-  ``widths`` (default ``(f, f, 4f)``) and ``project`` describe slimmed blocks.
-  """
+class _ResidualBlock(nn.Module):
+  """The fields of a ResNet block and its shortcut: ``relu(x + y)``, ``x`` projected
+  (1×1 conv + BN, ``proj_conv`` / ``proj_bn``) where ``project`` says so (default:
+  where the shape changes). ``widths`` describes slimmed blocks."""
 
   features: int
   strides: int = 1
   widths: Optional[Sequence[int]] = None
   project: Optional[bool] = None
+
+  def add_shortcut(self, x, y, train: bool):
+    out, s = y.shape[-1], (self.strides, self.strides)
+    if _projects(self.project, x, out, self.strides):
+      x = nn.Conv(out, (1, 1), s, use_bias=False, kernel_init=he_normal, name="proj_conv")(x)
+      x = _bn(train, name="proj_bn")(x)
+    return nn.relu(x + y)
+
+
+class BasicBlock(_ResidualBlock):
+  """ResNet basic block: 3×3 conv-BN-ReLU-3×3 conv-BN + (projected) shortcut;
+  ``widths`` defaults to ``(features, features)``."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    inner, out = self.widths or (self.features, self.features)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal)
+    y = conv(inner, (3, 3), (self.strides, self.strides))(x)
+    y = nn.relu(_bn(train)(y))
+    y = conv(out, (3, 3))(y)
+    return self.add_shortcut(x, _bn(train, scale_init=nn.initializers.zeros_init())(y), train)
+
+
+class BottleneckBlock(_ResidualBlock):
+  """ResNet bottleneck block: 1×1 (f) - 3×3 (f, stride) - 1×1 (4f) + shortcut;
+  ``widths`` defaults to ``(f, f, 4f)``."""
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -206,11 +196,7 @@ class BottleneckBlock(nn.Module):
     y = nn.relu(_bn(train)(conv(w1, (1, 1))(x)))
     y = nn.relu(_bn(train)(conv(w2, (3, 3), (self.strides, self.strides))(y)))
     y = conv(out, (1, 1))(y)
-    y = _bn(train, scale_init=nn.initializers.zeros_init())(y)
-    if _projects(self.project, x, out, self.strides):
-      x = conv(out, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
-      x = _bn(train, name="proj_bn")(x)
-    return nn.relu(x + y)
+    return self.add_shortcut(x, _bn(train, scale_init=nn.initializers.zeros_init())(y), train)
 
 
 def _block_kwargs(module, k: int) -> dict:
@@ -405,19 +391,18 @@ class GQAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """Pre-LayerNorm block: ``x + attn(ln1(x))``, then ``x + mlp_out(gelu(mlp_in(ln2(x))))``."""
+  """Pre-LayerNorm block: ``x + attn(ln1(x))``, then ``x + mlp_out(gelu(mlp_in(ln2(x))))``.
 
-  num_heads: int
-  head_dim: int
+  ``attn`` is the block's (unbound) :class:`GQAttention`; Linen adopts it as the
+  submodule ``attn``.
+  """
+
+  attn: GQAttention
   mlp_dim: int
-  num_kv_heads: Optional[int] = None
-  v_head_dim: Optional[int] = None
-  causal: bool = False
 
   @nn.compact
   def __call__(self, x):
-    x = x + GQAttention(self.num_heads, self.head_dim, self.num_kv_heads, self.v_head_dim,
-                        self.causal, name="attn")(nn.LayerNorm(name="ln1")(x))
+    x = x + self.attn(nn.LayerNorm(name="ln1")(x))
     y = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(nn.LayerNorm(name="ln2")(x)))
     return x + nn.Dense(x.shape[-1], name="mlp_out")(y)
 
@@ -426,25 +411,46 @@ def _blocks(module, x, causal: bool):
   """The ``depth`` blocks of a ViT / GPT at its (per-block, slim) widths."""
   for i in range(module.depth):
     pick = lambda widths, default: default if widths is None else widths[i]  # noqa: E731
-    x = TransformerBlock(
-        pick(module.block_heads, module.num_heads), module.head_dim,
-        pick(module.block_mlp, module.mlp_dim),
-        pick(module.block_kv_heads, module.num_kv_heads),
-        pick(module.block_v_dims, module.head_dim), causal, name=f"block_{i}")(x)
+    attn = GQAttention(pick(module.block_heads, module.num_heads), module.head_dim,
+                       pick(module.block_kv_heads, module.num_kv_heads),
+                       pick(module.block_v_dims, module.head_dim), causal, parent=None)
+    x = TransformerBlock(attn, pick(module.block_mlp, module.mlp_dim), name=f"block_{i}")(x)
   return x
 
 
-def _transformer_resized(module, shapes: Any):
-  """A ViT / GPT clone with the per-block head counts and MLP widths of ``shapes``."""
-  attn = [shapes[f"block_{i}"]["attn"] for i in range(module.depth)]
-  return module.clone(block_heads=tuple(int(a["query"]["kernel"][1]) for a in attn),
+class _Transformer(nn.Module):
+  """The widths a ViT and a GPT share, and ``resized`` for both.
+
+  Attributes:
+    d_model, depth, num_heads, head_dim, mlp_dim: the nominal widths.
+    num_kv_heads: key / value heads (GQA); ``None``: ``num_heads``.
+    block_heads, block_kv_heads, block_v_dims, block_mlp: slim query heads, key
+      / value heads, value head widths and MLP widths per block (``None``: the
+      nominal ones); set by ``resized``.
+  """
+
+  d_model: int = 64
+  depth: int = 4
+  num_heads: int = 4
+  head_dim: int = 16
+  mlp_dim: int = 128
+  num_kv_heads: Optional[int] = None
+  block_heads: Optional[Sequence[int]] = None
+  block_kv_heads: Optional[Sequence[int]] = None
+  block_v_dims: Optional[Sequence[int]] = None
+  block_mlp: Optional[Sequence[int]] = None
+
+  def resized(self, shapes: Any) -> "_Transformer":
+    """A clone with the per-block head counts and MLP widths of ``shapes``."""
+    attn = [shapes[f"block_{i}"]["attn"] for i in range(self.depth)]
+    return self.clone(block_heads=tuple(int(a["query"]["kernel"][1]) for a in attn),
                       block_kv_heads=tuple(int(a["key"]["kernel"][1]) for a in attn),
                       block_v_dims=tuple(int(a["value"]["kernel"][2]) for a in attn),
                       block_mlp=tuple(_out(shapes[f"block_{i}"], "mlp_in")
-                                      for i in range(module.depth)))
+                                      for i in range(self.depth)))
 
 
-class ViT(nn.Module):
+class ViT(_Transformer):
   """Vision Transformer (Dosovitskiy et al. 2021), pre-LayerNorm, GQA-capable.
 
   ``patch``×``patch`` patches embedded by a conv (kernel = stride = patch), a
@@ -452,26 +458,12 @@ class ViT(nn.Module):
   learned position embeddings, ``depth`` blocks, a final LayerNorm, a dense head.
 
   Attributes:
-    num_classes, patch, d_model, depth, num_heads, head_dim, mlp_dim, pool.
-    num_kv_heads: key / value heads (GQA); ``None``: ``num_heads``.
-    block_heads, block_kv_heads, block_v_dims, block_mlp: slim query heads, key
-      / value heads, value head widths and MLP widths per block (``None``: the
-      nominal ones); set by ``resized``.
+    num_classes, patch, pool; the widths of :class:`_Transformer`.
   """
 
   num_classes: int = 10
   patch: int = 4
-  d_model: int = 64
-  depth: int = 4
-  num_heads: int = 4
-  head_dim: int = 16
-  mlp_dim: int = 128
-  num_kv_heads: Optional[int] = None
   pool: str = "cls"
-  block_heads: Optional[Sequence[int]] = None
-  block_kv_heads: Optional[Sequence[int]] = None
-  block_v_dims: Optional[Sequence[int]] = None
-  block_mlp: Optional[Sequence[int]] = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -487,11 +479,8 @@ class ViT(nn.Module):
     x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
     return nn.Dense(self.num_classes, name="head")(x)
 
-  def resized(self, shapes: Any) -> "ViT":
-    return _transformer_resized(self, shapes)
 
-
-class GPT(nn.Module):
+class GPT(_Transformer):
   """Decoder-only (GPT-style) language model over tokens (bytes: ``vocab=256``).
 
   Token embedding + learned positions (``context`` of them), ``depth`` causal
@@ -500,24 +489,14 @@ class GPT(nn.Module):
   (batch, T ≤ context); output: logits (batch, T, vocab).
 
   Attributes:
-    vocab, context, d_model, depth, num_heads, head_dim, mlp_dim, tied.
-    num_kv_heads, block_heads, block_kv_heads, block_v_dims, block_mlp: as
-      :class:`ViT`.
+    vocab, context, tied; the widths of :class:`_Transformer` (``mlp_dim``
+    256 here).
   """
 
   vocab: int = 256
   context: int = 128
-  d_model: int = 64
-  depth: int = 4
-  num_heads: int = 4
-  head_dim: int = 16
   mlp_dim: int = 256
-  num_kv_heads: Optional[int] = None
   tied: bool = True
-  block_heads: Optional[Sequence[int]] = None
-  block_kv_heads: Optional[Sequence[int]] = None
-  block_v_dims: Optional[Sequence[int]] = None
-  block_mlp: Optional[Sequence[int]] = None
 
   @nn.compact
   def __call__(self, tokens, train: bool = True):
@@ -529,9 +508,6 @@ class GPT(nn.Module):
     if self.tied:
       return embed.attend(x)
     return nn.Dense(self.vocab, use_bias=False, name="head")(x)
-
-  def resized(self, shapes: Any) -> "GPT":
-    return _transformer_resized(self, shapes)
 
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {

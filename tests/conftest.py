@@ -1,13 +1,37 @@
-"""Test setup: 8 host CPU devices for the multi-device tests (set before JAX starts)."""
+"""Test setup, before JAX starts: 8 host CPU devices for the multi-device tests, and
+one compilation cache for the whole run.
+
+The cache (``JAX_COMPILATION_CACHE_DIR``, a fresh folder per run unless the caller
+sets one) lets the xdist workers and the processes tests spawn reuse programs that
+another test already compiled (the same model's step built by a new closure, a
+fresh process loading a saved model); XLA:CPU compiles dominate the suite's time.
+The folder is removed when the run ends.
+"""
 
 import os
+import shutil
+import tempfile
+import uuid
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Set in the controller before xdist starts its workers, which inherit it.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      tempfile.gettempdir(), f"optax_splitlbi_tests_{uuid.uuid4().hex}")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  """The run's cache goes with the run (the controller, or a run without xdist)."""
+  if _OWN_CACHE and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 @pytest.fixture(params=["equations", "buffered", "fused"])
 def update_form(request):

@@ -229,7 +229,7 @@ def test_masks_from_support_group_support_entered_by_and_prune_to_sparsity(digit
                 sl.prune_to_sparsity(params, state, 0.5, scope="layer")):
     res = sl.slim_linen(model, variables, masks, x, count_flops=False)
     c0, c1, h = _widths_by_hand(masks)
-    assert res.module.features == (c0, c1) and res.module.hidden == h
+    assert res.module.features == (c0, c1) and res.module.hidden == (h,)
     assert c0 < 16 or c1 < 32 or h < 64
     keep = sl.slim_linen(model, variables, masks, x, inexact="keep", count_flops=False)
     want = model.apply({"params": _masked_params(params, masks)}, x)

@@ -29,7 +29,7 @@ def _randomize(variables, seed=2):
 def _resnet():
   m = models.get_model("resnet20", 10, width=4, blocks_per_stage=2)
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
-  v = _randomize(m.init(jax.random.key(1), x, train=False))
+  v = jax.jit(lambda: _randomize(m.init(jax.random.key(1), x, train=False)))()
   v["batch_stats"] = jax.tree.map(jnp.abs, v["batch_stats"])  # variances > 0
   return m, v, x
 
@@ -165,9 +165,12 @@ def _loss(model, variables, x, y):
 
 
 def _steps(tx, grad, params, state, n):
-  for _ in range(n):
+  @jax.jit
+  def step(params, state):
     updates, state = tx.update(grad(params), state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+  for _ in range(n):
+    params, state = step(params, state)
   return params, state
 
 

@@ -430,19 +430,24 @@ def interpolate(points: list[dict], key: str, at: float) -> float:
   return float(np.exp(y) if logv else y)
 
 
-def _stop_table(s: Settings, results: dict) -> str:
-  rows = []
+def _per_point(s: Settings, results: dict, key: str, count: int):
+  """``(method, k, seed results, their k-th entries of key)`` for each method and k."""
   for method in METHODS:
     res = [results[f"main/{method}/seed{sd}"] for sd in common.seeds_of(s.seeds)]
-    for k, step in enumerate(s.stops):
-      st = [r["stops"][k] for r in res]
-      rows.append([METHOD_NAMES[method], step, _pct([x["filters"] for x in st], 0),
-                   _num([x["completed"] for x in st], 1), _pct([x["dense_acc"] for x in st]),
-                   _pct([x["sparse_acc"] for x in st]), _pct([x["finetuned_acc"] for x in st]),
-                   _num([_ratio(x, "flops") for x in st]),
-                   _num([r["dense_latency"] / x["latency"] for r, x in zip(res, st)]),
-                   _num([x["params_slim"] / 1e3 for x in st], 0),
-                   _num([x["kept_back"] for x in st], 0), _num([x["inexact_folds"] for x in st], 0)])
+    for k in range(count):
+      yield method, k, res, [r[key][k] for r in res]
+
+
+def _stop_table(s: Settings, results: dict) -> str:
+  rows = []
+  for method, k, res, st in _per_point(s, results, "stops", len(s.stops)):
+    rows.append([METHOD_NAMES[method], s.stops[k], _pct([x["filters"] for x in st], 0),
+                 _num([x["completed"] for x in st], 1), _pct([x["dense_acc"] for x in st]),
+                 _pct([x["sparse_acc"] for x in st]), _pct([x["finetuned_acc"] for x in st]),
+                 _num([_ratio(x, "flops") for x in st]),
+                 _num([r["dense_latency"] / x["latency"] for r, x in zip(res, st)]),
+                 _num([x["params_slim"] / 1e3 for x in st], 0),
+                 _num([x["kept_back"] for x in st], 0), _num([x["inexact_folds"] for x in st], 0)])
   header = ["penalty", "stop (steps)", "filters in supp Γ (%)", "layers completed",
             "dense W (%)", "W on supp Γ (%)", f"fine-tuned {s.finetune_steps} steps (%)",
             "FLOP ÷", "CPU speed-up", "params slim (k)", "pruned filters kept back",
@@ -452,14 +457,11 @@ def _stop_table(s: Settings, results: dict) -> str:
 
 def _matched_points_table(s: Settings, results: dict) -> str:
   rows = []
-  for method in METHODS:
-    res = [results[f"main/{method}/seed{sd}"] for sd in common.seeds_of(s.seeds)]
-    for k, d in enumerate(s.densities):
-      ms = [r["matched"][k] for r in res]
-      rows.append([METHOD_NAMES[method], f"{d:g}", _pct([x["filters"] for x in ms], 0),
-                   _num([_ratio(x, "flops") for x in ms]),
-                   _num([r["dense_latency"] / x["latency"] for r, x in zip(res, ms)]),
-                   _pct([x["acc"] for x in ms]), _num([x["kept_back"] for x in ms], 0)])
+  for method, k, res, ms in _per_point(s, results, "matched", len(s.densities)):
+    rows.append([METHOD_NAMES[method], f"{s.densities[k]:g}", _pct([x["filters"] for x in ms], 0),
+                 _num([_ratio(x, "flops") for x in ms]),
+                 _num([r["dense_latency"] / x["latency"] for r, x in zip(res, ms)]),
+                 _pct([x["acc"] for x in ms]), _num([x["kept_back"] for x in ms], 0)])
   header = ["penalty", "global density", "filters kept (%)", "FLOP ÷", "CPU speed-up",
             "W on mask, no fine-tuning (%)", "pruned filters kept back"]
   return common.markdown_table(header, rows)

@@ -11,7 +11,8 @@ Models and data (both Linen, :mod:`examples.models`):
   accuracy on the first ``eval_examples`` test images.
 
 Per model and seed, four runs of ``steps`` steps, each with 100 warm-up steps
-then a constant rate, the same data order:
+then a constant rate (``schedule="cosine"``: cosine decay to 0 at ``steps``),
+the same data order:
 
 - ``dense-adamw``: AdamW (rate ``adam_lr``, decoupled weight decay ``adam_wd``);
 - ``dense-sgd``: SGD, momentum 0.9, weight decay ``sgd_wd``, rate ``sgd_lr``;
@@ -79,6 +80,7 @@ class Settings:
   gpt_batch: int = 32
   vit_batch: int = 64
   warmup: int = 100
+  schedule: str = "constant"  # or "cosine"
   adam_lr: float = 3e-3
   adam_wd: float = 0.01
   sgd_lr: float = 0.05
@@ -196,7 +198,9 @@ def penalty(task: Task, lam: float) -> sl.ChannelGroups:
 def optimizer(s: Settings, arm: str, task: Task) -> optax.GradientTransformation:
   """The optax transformation of ``arm`` (module docstring)."""
   adam = arm.endswith("adam") or arm.endswith("adamw")
-  lr = optax.warmup_constant_schedule(0.0, s.adam_lr if adam else s.sgd_lr, s.warmup)
+  peak = s.adam_lr if adam else s.sgd_lr
+  lr = (optax.warmup_cosine_decay_schedule(0.0, peak, s.warmup, s.steps)
+        if s.schedule == "cosine" else optax.warmup_constant_schedule(0.0, peak, s.warmup))
   if arm == "dense-adamw":
     return optax.adamw(lr, weight_decay=s.adam_wd)
   if arm == "dense-sgd":
