@@ -20,7 +20,7 @@ from examples.grow import Growth
 
 GROWTH = {
     "grow/digits": (
-        DIGITS.replace(name="grow/digits", model_kwargs=(("features", (4, 4)), ("hidden", 8)),
+        DIGITS.replace(name="grow/digits", model_kwargs=(("features", (4, 4)), ("hidden", (8,))),
                        epochs=0, slim=False, schedule="constant"),
         Growth(round_epochs=3, final_epochs=10, max_rounds=10)),
     "grow/fashion_lenet5": (
