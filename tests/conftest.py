@@ -1,5 +1,10 @@
-"""Test setup, before JAX starts: 8 host CPU devices for the multi-device tests, and
-one compilation cache for the whole run.
+"""Test setup, before JAX starts: 8 host CPU devices for the multi-device tests,
+unoptimised XLA:CPU machine code, and one compilation cache for the whole run.
+
+Compiling, not running, is most of the suite's time (its arrays are small), and
+most of a compile is LLVM optimising the kernels: ``--xla_backend_optimization_level=0``
+cuts the suite's time by about a third. It changes no HLO pass (fusion, layout),
+only the machine code; a caller's own level in ``XLA_FLAGS`` is kept.
 
 The cache (``JAX_COMPILATION_CACHE_DIR``, a fresh folder per run unless the caller
 sets one) lets the xdist workers and the processes tests spawn reuse programs that
@@ -15,7 +20,10 @@ import uuid
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+  flags = (flags + " --xla_force_host_platform_device_count=8").strip()
+if "xla_backend_optimization_level" not in flags:
+  flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = flags
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Set in the controller before xdist starts its workers, which inherit it.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
