@@ -375,6 +375,12 @@ def _update_targets(res: dict) -> list[str]:
                f"({_met(o['splitlbi']['x_bound'] <= 1.25)}; lean "
                f"{o['splitlbi_lean']['x_bound']:.2f}×, SGD-momentum {o['sgd']['x_bound']:.2f}×, "
                f"SplitLBI ÷ SGD {o['splitlbi']['ratio_vs_sgd']:.2f}).")
+  for label, limit, tree in (("XLA defaults", 1.6, up), ("with the fusion flag", 1.25, fu)):
+    if tree:
+      o = tree["opts"]
+      x = o["splitlbi"]["ratio_vs_sgd"] / (o["splitlbi"]["bytes"] / o["sgd"]["bytes"])
+      out.append(f"- ResNet-50 update ÷ SGD-momentum, scaled by bytes, {label}: **{x:.2f}** "
+                 f"(≤ {limit}: {_met(x <= limit)}).")
   for label, key in (("CPU default", "default"), ("CPU fusion flag", "fused")):
     r = (result(res, "cross_leaf") or {}).get(key)
     if r:
