@@ -50,10 +50,16 @@ def _module(name: str):
   return importlib.import_module(f"examples.studies.{name}")
 
 
-def settings_of(name: str, smoke: bool, seeds: Optional[int], text: Optional[str] = None):
-  """The study's full (or smoke) settings, with ``seeds`` overriding its seed count and
-  ``text`` its text corpus directory (studies with a ``text_dir``)."""
-  s = _module(name).SETTINGS["smoke" if smoke else "full"]
+def settings_of(name: str, smoke: bool, seeds: Optional[int], text: Optional[str] = None,
+                variant: str = "full"):
+  """The study's settings ``variant`` (``"smoke"`` when ``smoke``), with ``seeds``
+  overriding its seed count and ``text`` its text corpus directory (studies with a
+  ``text_dir``)."""
+  table = _module(name).SETTINGS
+  key = "smoke" if smoke else variant
+  if key not in table:
+    raise SystemExit(f"error: --settings {key!r}: study {name} has {', '.join(table)}.")
+  s = table[key]
   s = dataclasses.replace(s, seeds=seeds) if seeds else s
   return dataclasses.replace(s, text_dir=text) if text and hasattr(s, "text_dir") else s
 
@@ -66,10 +72,12 @@ def _check_dataset(dataset: str) -> None:
 
 
 def run_one(name: str, out: str, *, dataset: str = DATASET, smoke: bool = False,
-            seeds: Optional[int] = None, text: Optional[str] = None, command: str = "") -> str:
-  """Runs (or resumes) study ``name``; writes ``<out>/<name>/table.md``; its path."""
-  module, settings = _module(name), settings_of(name, smoke, seeds, text)
-  study_dir = os.path.join(out, name)
+            seeds: Optional[int] = None, text: Optional[str] = None, command: str = "",
+            variant: str = "full") -> str:
+  """Runs (or resumes) study ``name``; writes ``<out>/<name>/table.md`` (a settings
+  variant other than full or smoke: ``<out>/<name>-<variant>/``); its path."""
+  module, settings = _module(name), settings_of(name, smoke, seeds, text, variant)
+  study_dir = os.path.join(out, name if smoke or variant == "full" else f"{name}-{variant}")
   t0 = time.time()
   results = common.run_study(module.runs(settings, dataset), os.path.join(study_dir, "runs"),
                              say=lambda line: print(f"{name} {line}", flush=True))
@@ -96,6 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
   parser.add_argument("--smoke", action="store_true",
                       help="a tiny version (one short epoch, one or two seeds) for tests")
   parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+  parser.add_argument("--settings", default="full",
+                      help="a study's named settings (default full; e.g. transformers "
+                           "vit_long: the dense ViT trained 10 000 steps)")
   parser.add_argument("--text", default=None,
                       help="text corpus directory of the GPT runs (default "
                            "/usr/share/games/fortunes, `apt-get install fortunes`)")
@@ -104,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
   command = "python -m examples.study " + " ".join(sys.argv[1:] if argv is None else argv)
   names = STUDIES if args.name == "all" else (args.name,)
   written = [run_one(n, args.out, dataset=args.data, smoke=args.smoke, seeds=args.seeds,
-                     text=args.text, command=command) for n in names]
+                     text=args.text, command=command, variant=args.settings) for n in names]
   for w in written:
     print(w)
   return written

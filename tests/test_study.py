@@ -3,6 +3,7 @@ warm-up, statistics and initialisations against hand values, and a smoke run of 
 lottery study (search → masks → controls → retraining) on a small synthetic IDX
 directory, rerun to check that finished runs are skipped."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -165,6 +166,16 @@ def test_lottery_smoke_end_to_end_and_resume(idx_dir, tmp_path, capsys):
 def test_missing_data_directory_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit, match="dataset-fashion-mnist"):
     study.main(["table1", "--data", f"idx:{tmp_path}/nowhere", "--out", str(tmp_path)])
+
+
+def test_named_settings_pick_a_variant_and_unknown_ones_are_refused():
+  from examples.studies import transformers  # pylint: disable=g-import-not-at-top
+  s = study.settings_of("transformers", False, None, variant="vit_long")
+  assert (s.models, s.arms, s.steps, s.schedule) == (("vit",), ("dense-adamw",), 10000, "cosine")
+  keys = [r.key for r in transformers.runs(dataclasses.replace(s, seeds=2), "idx:/x")]
+  assert keys == ["vit/dense-adamw/seed0", "vit/dense-adamw/seed1"]
+  with pytest.raises(SystemExit, match="--settings 'nope': study transformers has full, "):
+    study.settings_of("transformers", False, None, variant="nope")
 
 
 def test_fashion_configs_follow_table1_variants():
