@@ -372,7 +372,8 @@ class GQAttention(nn.Module):
   Projections ``query`` (d, H, D), ``key`` / ``value`` (d, K, D) and ``out``
   (H, Dv, d) are ``DenseGeneral`` so a head is an axis of every kernel.
   ``v_head_dim`` (default ``head_dim``) is the value heads' width (slimming may
-  cut it where the output projection ignores some value dims).
+  cut it where the output projection ignores some value dims). ``init_std``:
+  the kernels' initial standard deviation (``None``: LeCun normal).
   """
 
   num_heads: int
@@ -380,14 +381,21 @@ class GQAttention(nn.Module):
   num_kv_heads: Optional[int] = None
   v_head_dim: Optional[int] = None
   causal: bool = False
+  init_std: Optional[float] = None
 
   @nn.compact
   def __call__(self, x):
     kv = self.num_kv_heads or self.num_heads
-    q = nn.DenseGeneral((self.num_heads, self.head_dim), name="query")(x)
-    k = nn.DenseGeneral((kv, self.head_dim), name="key")(x)
-    v = nn.DenseGeneral((kv, self.v_head_dim or self.head_dim), name="value")(x)
-    return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out")(attend(q, k, v, self.causal))
+    dense = functools.partial(nn.DenseGeneral, kernel_init=_kernel_init(self.init_std))
+    q = dense((self.num_heads, self.head_dim), name="query")(x)
+    k = dense((kv, self.head_dim), name="key")(x)
+    v = dense((kv, self.v_head_dim or self.head_dim), name="value")(x)
+    return dense(x.shape[-1], axis=(-2, -1), name="out")(attend(q, k, v, self.causal))
+
+
+def _kernel_init(std: Optional[float]) -> Callable:
+  """N(0, std²) (GPT-2 uses 0.02), or Flax's default LeCun normal for ``None``."""
+  return nn.linear.default_kernel_init if std is None else nn.initializers.normal(std)
 
 
 class TransformerBlock(nn.Module):
@@ -399,12 +407,14 @@ class TransformerBlock(nn.Module):
 
   attn: GQAttention
   mlp_dim: int
+  init_std: Optional[float] = None
 
   @nn.compact
   def __call__(self, x):
+    dense = functools.partial(nn.Dense, kernel_init=_kernel_init(self.init_std))
     x = x + self.attn(nn.LayerNorm(name="ln1")(x))
-    y = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(nn.LayerNorm(name="ln2")(x)))
-    return x + nn.Dense(x.shape[-1], name="mlp_out")(y)
+    y = nn.gelu(dense(self.mlp_dim, name="mlp_in")(nn.LayerNorm(name="ln2")(x)))
+    return x + dense(x.shape[-1], name="mlp_out")(y)
 
 
 def _blocks(module, x, causal: bool):
@@ -413,8 +423,10 @@ def _blocks(module, x, causal: bool):
     pick = lambda widths, default: default if widths is None else widths[i]  # noqa: E731
     attn = GQAttention(pick(module.block_heads, module.num_heads), module.head_dim,
                        pick(module.block_kv_heads, module.num_kv_heads),
-                       pick(module.block_v_dims, module.head_dim), causal, parent=None)
-    x = TransformerBlock(attn, pick(module.block_mlp, module.mlp_dim), name=f"block_{i}")(x)
+                       pick(module.block_v_dims, module.head_dim), causal, module.init_std,
+                       parent=None)
+    x = TransformerBlock(attn, pick(module.block_mlp, module.mlp_dim), module.init_std,
+                         name=f"block_{i}")(x)
   return x
 
 
@@ -424,6 +436,8 @@ class _Transformer(nn.Module):
   Attributes:
     d_model, depth, num_heads, head_dim, mlp_dim: the nominal widths.
     num_kv_heads: key / value heads (GQA); ``None``: ``num_heads``.
+    init_std: the blocks' kernels start N(0, init_std²) (GPT-2: 0.02); ``None``:
+      LeCun normal (std 1/√fan-in).
     block_heads, block_kv_heads, block_v_dims, block_mlp: slim query heads, key
       / value heads, value head widths and MLP widths per block (``None``: the
       nominal ones); set by ``resized``.
@@ -435,6 +449,7 @@ class _Transformer(nn.Module):
   head_dim: int = 16
   mlp_dim: int = 128
   num_kv_heads: Optional[int] = None
+  init_std: Optional[float] = None
   block_heads: Optional[Sequence[int]] = None
   block_kv_heads: Optional[Sequence[int]] = None
   block_v_dims: Optional[Sequence[int]] = None

@@ -2,6 +2,9 @@
 counts by hand, causal masking, grouped-query attention, and slimming heads, key /
 value groups and MLP neurons to smaller modules that compute the masked model."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +55,26 @@ def test_registered_vit_shapes_and_parameter_count_by_hand():
   # 7×7 patches + the class token; 4 blocks of 4 heads of 16, MLP 128.
   assert _count(p) == _vit_by_hand(50, 10, 64, 4, 1, [(4, 4, 16, 128)] * 4)
   assert jax.eval_shape(model.apply, variables, x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("init_std", [None, 0.02])
+def test_init_std_sets_the_block_kernels_only(init_std):
+  """LeCun normal (std 1/√fan-in) by default; N(0, 0.02²) for every block kernel
+  with init_std=0.02, whatever its fan-in; embeddings and biases as before."""
+  model = models.GPT(context=16, d_model=64, depth=2, mlp_dim=256, init_std=init_std)
+  p = jax.jit(lambda: model.init(jax.random.key(3), jnp.zeros((1, 16), jnp.int32)))()["params"]
+  for b in ("block_0", "block_1"):
+    fan_in = {"attn/query": 64, "attn/key": 64, "attn/value": 64, "attn/out": 64,
+              "mlp_in": 64, "mlp_out": 256}
+    for name, fan in fan_in.items():
+      layer = functools.reduce(lambda t, k: t[k], name.split("/"), p[b])
+      want = init_std or 1 / np.sqrt(fan)
+      assert abs(float(np.std(layer["kernel"])) / want - 1) < 0.05, (b, name)
+      assert not np.any(layer["bias"])
+  lecun = models.GPT(context=16, d_model=64, depth=2, mlp_dim=256)
+  q = jax.jit(lambda: lecun.init(jax.random.key(3), jnp.zeros((1, 16), jnp.int32)))()["params"]
+  for name in ("embed", "pos", "ln_f"):
+    chex.assert_trees_all_equal(p[name], q[name])
 
 
 def test_gpt_parameter_counts_by_hand_linen_and_nnx():
