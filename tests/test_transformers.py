@@ -63,9 +63,9 @@ def test_init_std_sets_the_block_kernels_only(init_std):
   with init_std=0.02, whatever its fan-in; embeddings and biases as before."""
   model = models.GPT(context=16, d_model=64, depth=2, mlp_dim=256, init_std=init_std)
   p = jax.jit(lambda: model.init(jax.random.key(3), jnp.zeros((1, 16), jnp.int32)))()["params"]
+  fan_in = {"attn/query": 64, "attn/key": 64, "attn/value": 64, "attn/out": 64,
+            "mlp_in": 64, "mlp_out": 256}
   for b in ("block_0", "block_1"):
-    fan_in = {"attn/query": 64, "attn/key": 64, "attn/value": 64, "attn/out": 64,
-              "mlp_in": 64, "mlp_out": 256}
     for name, fan in fan_in.items():
       layer = functools.reduce(lambda t, k: t[k], name.split("/"), p[b])
       want = init_std or 1 / np.sqrt(fan)
