@@ -211,3 +211,9 @@ def test_every_study_runs_in_smoke_mode(idx_dir, text_dir, tmp_path, name, expec
   for snippet in expect:
     assert snippet in text, snippet
   assert [f for f in os.listdir(os.path.join(out, name)) if f.endswith(".png")]
+  if name == "transformers":  # the slim models rebuilt from the results are the runs' own
+    for model in ("gpt", "vit"):
+      with open(os.path.join(out, name, "runs", model, "latency", "result.json")) as f:
+        quiet = json.load(f)
+      assert sorted(quiet["slim"]) == ["splitlbi-adam/seed0/stop6", "splitlbi-sgd/seed0/stop6"]
+      assert quiet["flops_rel_diff"] < 1e-6

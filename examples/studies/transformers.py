@@ -37,7 +37,10 @@ LayerNorms and the classifier are not penalized. At each of ``stops``:
   output projection, averaged over ``score_batches`` batches) and random, each
   without and with the same fine-tune.
 
-The path (entry step of every head and neuron) of seed 0 is plotted.
+After every run, ``<model>/latency`` (:func:`latency_run`) times all slim models
+again against the dense one in one process, so that the table's speed-ups do not
+depend on what else ran beside a run. The path (entry step of every head and neuron)
+of seed 0 is plotted.
 
 Settings ``small_init`` (``--settings small_init``): the blocks' kernels start at
 N(0, 0.02²) (GPT-2's initialisation) instead of LeCun normal (std 1/√64 = 0.125).
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -483,6 +487,37 @@ def _latency(task: Task, params: Any, slims: dict) -> dict[str, float]:
   return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def latency_run(s: Settings, model: str, config: Config, run_dir: str) -> dict:
+  """The slim models of every SplitLBI run timed again, in this process alone.
+
+  A run times its slim models while it trains, sharing the CPU with whatever else
+  runs then (two runs at once on two cores: the XLA thread pools contend). Here each
+  stop's per-block heads and MLP widths (from the runs' results) are rebuilt with
+  random weights, their XLA FLOPs checked against the recorded ones, and all of them
+  timed against the dense model, interleaved.
+
+  Returns:
+    ``dense`` (s), ``slim`` ({``"<arm>/seed<i>/stop<step>"``: s}), ``flops_rel_diff``
+    (largest relative FLOP difference to the runs' slim models).
+  """
+  task, model_dir = _task(s, model, config.dataset), os.path.dirname(run_dir)
+  slims, diff = {}, 0.0
+  for arm in (a for a in s.arms if a.startswith("splitlbi")):
+    for seed in common.seeds_of(s.seeds):
+      with open(os.path.join(model_dir, arm, f"seed{seed}", "result.json")) as f:
+        stops = json.load(f)["stops"]
+      for row in stops:
+        slim = task.model.clone(block_heads=tuple(row["heads"]),
+                                block_kv_heads=tuple(row["heads"]),
+                                block_mlp=tuple(row["neurons"]))
+        variables = jax.jit(lambda m=slim: m.init(jax.random.key(0), task.sample))()
+        flops = sl.slimming.report.cost(slim.apply, variables, task.sample)[0]
+        diff = max(diff, abs(flops / task.sample.shape[0] / row["flops_slim"] - 1.0))
+        slims[f"{arm}/seed{seed}/stop{row['step']}"] = (slim, variables)
+  times = _latency(task, task.init(0), slims)
+  return {"dense": times.pop("dense"), "slim": times, "flops_rel_diff": diff}
+
+
 def runs(s: Settings, dataset: str) -> list[common.Run]:
   """Per seed and model: the dense baselines first (the controls read AdamW's W)."""
   out = []
@@ -495,6 +530,12 @@ def runs(s: Settings, dataset: str) -> list[common.Run]:
         out.append(common.Run(f"{model}/{arm}/seed{seed}", config,
                               execute=functools.partial(execute, s, model, arm),
                               keep_files=True))
+  if any(arm.startswith("splitlbi") for arm in s.arms):
+    for model in s.models:  # after every run, alone (latency_run)
+      config = Config(name=f"transformers/{model}/latency", dataset=dataset, model=model,
+                      progress=False)
+      out.append(common.Run(f"{model}/latency", config, keep_files=True,
+                            execute=functools.partial(latency_run, s, model)))
   return out
 
 
@@ -516,6 +557,16 @@ def _at(rows: list[dict], step: int, key: str) -> list:
   return [r[key] for res in rows for r in res["stops"] if r["step"] == step and key in r]
 
 
+def _speedups(s: Settings, results: dict, model: str, arm: str, step: int) -> list[float]:
+  """Dense ÷ slim latency per seed: from ``latency_run`` if it ran, else the runs' own."""
+  quiet = results.get(f"{model}/latency")
+  if quiet:
+    return [quiet["dense"] / quiet["slim"][k] for k in
+            (f"{arm}/seed{i}/stop{step}" for i in common.seeds_of(s.seeds)) if k in quiet["slim"]]
+  return [res["dense_latency"] / r["latency"] for res in _seeds(s, results, model, arm)
+          for r in res["stops"] if r["step"] == step and "latency" in r]
+
+
 def _stop_table(s: Settings, results: dict, model: str) -> str:
   """Every arm at every stop: structure, size, speed and the metric (mean ± sd)."""
   rows = []
@@ -528,8 +579,7 @@ def _stop_table(s: Settings, results: dict, model: str) -> str:
       heads, neurons = _at(per_seed, step, "heads"), _at(per_seed, step, "neurons")
       ratio = lambda a, b: [x / y for x, y in zip(_at(per_seed, step, a),  # noqa: E731
                                                   _at(per_seed, step, b))]
-      lat = [res["dense_latency"] / r["latency"] for res in per_seed for r in res["stops"]
-             if r["step"] == step and "latency" in r]
+      lat = _speedups(s, results, model, arm, step)
       rows.append([arm, step,
                    common.fmt([sum(h) for h in heads], 1, 1) if sparse else "all",
                    common.fmt([sum(n) for n in neurons], 1, 0) if sparse else "all",
@@ -611,6 +661,12 @@ def report(s: Settings, results: dict, out: str) -> str:
     name = "GPT on fortunes (validation bits / char)" if model == "gpt" else \
         "ViT on Fashion-MNIST (test accuracy %)"
     parts += [f"## {name}\n", _stop_table(s, results, model)]
+    quiet = results.get(f"{model}/latency")
+    if quiet:
+      parts.append(f"\nCPU latency ÷ at batch {s.latency_batch}: every slim model rebuilt at its "
+                   "per-block widths and timed against the dense one in one process after "
+                   f"training (1-minute load average {quiet['load'][0]:.1f} before, "
+                   f"{quiet['load'][1]:.1f} after; dense {quiet['dense'] * 1e3:.1f} ms).\n")
     if "splitlbi-adam" in s.arms:
       parts += [f"\nControls at SplitLBI (Adam direction)'s heads and neurons per block, on "
                 "the dense AdamW weights of the same step:\n", _controls_table(s, results, model)]
