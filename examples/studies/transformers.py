@@ -28,8 +28,9 @@ LayerNorms and the classifier are not penalized. At each of ``stops``:
 - W (dense), W on supp Γ (no fine-tuning), and W on the mask after
   ``finetune_steps`` of AdamW with the mask fixed (a class with no group in
   supp Γ keeps its most important one, since a block keeps one head / neuron);
-- the slim model (:func:`optax_splitlbi.slim_linen`): parameters, FLOPs and CPU
-  latency against the dense model (interleaved medians, batch ``latency_batch``);
+- the slim model (:func:`optax_splitlbi.slim_linen`): parameters, FLOPs and (in
+  ``latency_run``) CPU latency against the dense model (interleaved medians, batch
+  ``latency_batch``);
 - for ``splitlbi-adam``, controls at its per-block head and neuron counts, on the
   ``dense-adamw`` weights of the same step: group magnitude (‖W_g‖ of the same
   groups), head / neuron importance (Michel et al. 2019: |∂L/∂ξ| of a gate ξ on
@@ -398,13 +399,13 @@ def dense_run(s: Settings, model: str, arm: str, config: Config, run_dir: str) -
   return {"loss_trace": trace, "stops": rows}
 
 
-def slim_summary(task: Task, params: Any, masks: Any) -> tuple[sl.SlimModel, dict]:
-  """The slim model of W ∘ masks; parameters, FLOPs per example, its relative error."""
-  res = sl.slim_linen(task.model, {"params": params}, masks, task.sample)
-  r, n = res.report, task.sample.shape[0]
-  return res, {"params_dense": r["params"]["dense"], "params_slim": r["params"]["slim"],
-               "flops_dense": r["flops"]["dense"] / n, "flops_slim": r["flops"]["slim"] / n,
-               "slim_error": r["max_abs_diff"] / max(1e-12, r["max_abs_output"])}
+def slim_summary(task: Task, params: Any, masks: Any) -> dict:
+  """The slim model of W ∘ masks: parameters, FLOPs per example, its relative error."""
+  r, n = sl.slim_linen(task.model, {"params": params}, masks, task.sample).report, \
+      task.sample.shape[0]
+  return {"params_dense": r["params"]["dense"], "params_slim": r["params"]["slim"],
+          "flops_dense": r["flops"]["dense"] / n, "flops_slim": r["flops"]["slim"] / n,
+          "slim_error": r["max_abs_diff"] / max(1e-12, r["max_abs_output"])}
 
 
 def controls(task: Task, groups: sl.ChannelGroups, keep: dict, step: int, seed: int,
@@ -434,13 +435,12 @@ def per_class(groups: sl.ChannelGroups, tree: Any) -> dict[str, np.ndarray]:
 
 
 def _stop(task: Task, arm: str, groups: sl.ChannelGroups, step: int, params: Any,
-          opt_state: Any, run_dir: str, seed: int) -> tuple[dict, sl.SlimModel]:
+          opt_state: Any, run_dir: str, seed: int) -> dict:
   """The measurements of a SplitLBI run at one stop (module docstring)."""
   keep = completed(kept(groups, sl.support(opt_state)),
                    magnitude_scores(groups, sl.find_state(opt_state).v))
   masks = masks_of(groups, params, keep)
-  res, summary = slim_summary(task, params, masks)
-  row = {"step": step, **summary,
+  row = {"step": step, **slim_summary(task, params, masks),
          "heads": [int(keep[c.name].sum()) for c in groups.classes if kind(c) == "heads"],
          "neurons": [int(keep[c.name].sum()) for c in groups.classes if kind(c) == "neurons"],
          "dense": task.metric(params),
@@ -451,27 +451,21 @@ def _stop(task: Task, arm: str, groups: sl.ChannelGroups, step: int, params: Any
     dense_dir = os.path.join(os.path.dirname(os.path.dirname(run_dir)), "dense-adamw",
                              f"seed{seed}")
     row["controls"] = controls(task, groups, keep, step, seed, dense_dir)
-  return row, res
+  return row
 
 
 def splitlbi_run(s: Settings, model: str, arm: str, config: Config, run_dir: str) -> dict:
-  """A SplitLBI run: the stops, then the slim models' latency against the dense one."""
+  """A SplitLBI run: the measurements of every stop (timed later by :func:`latency_run`)."""
   task, seed = _task(s, model, config.dataset), config.seed
   tx = optimizer(s, arm, task)
   groups = penalty(task, 1.0)
-  rows, slims, last = [], {}, {}
+  rows = []
 
   def on_stop(step, params, opt_state):
-    row, res = _stop(task, arm, groups, step, params, opt_state, run_dir, seed)
-    rows.append(row)
-    slims[f"stop{step}"] = (res.module, res.variables)
-    last["params"] = params
+    rows.append(_stop(task, arm, groups, step, params, opt_state, run_dir, seed))
 
   trace = train(task, tx, task.init(seed), seed, s.steps, tuple(s.stops), on_stop)
-  latency = _latency(task, last["params"], slims)
-  for row in rows:
-    row["latency"] = latency[f"stop{row['step']}"]
-  return {"loss_trace": trace, "stops": rows, "dense_latency": latency["dense"]}
+  return {"loss_trace": trace, "stops": rows}
 
 
 def _latency(task: Task, params: Any, slims: dict) -> dict[str, float]:
@@ -490,8 +484,8 @@ def _latency(task: Task, params: Any, slims: dict) -> dict[str, float]:
 def latency_run(s: Settings, model: str, config: Config, run_dir: str) -> dict:
   """The slim models of every SplitLBI run timed again, in this process alone.
 
-  A run times its slim models while it trains, sharing the CPU with whatever else
-  runs then (two runs at once on two cores: the XLA thread pools contend). Here each
+  Timed apart from the training runs, which may share the CPU with one another (two
+  runs at once on two cores: the XLA thread pools contend). Each
   stop's per-block heads and MLP widths (from the runs' results) are rebuilt with
   random weights, their XLA FLOPs checked against the recorded ones, and all of them
   timed against the dense model, interleaved.
@@ -558,13 +552,10 @@ def _at(rows: list[dict], step: int, key: str) -> list:
 
 
 def _speedups(s: Settings, results: dict, model: str, arm: str, step: int) -> list[float]:
-  """Dense ÷ slim latency per seed: from ``latency_run`` if it ran, else the runs' own."""
-  quiet = results.get(f"{model}/latency")
-  if quiet:
-    return [quiet["dense"] / quiet["slim"][k] for k in
-            (f"{arm}/seed{i}/stop{step}" for i in common.seeds_of(s.seeds)) if k in quiet["slim"]]
-  return [res["dense_latency"] / r["latency"] for res in _seeds(s, results, model, arm)
-          for r in res["stops"] if r["step"] == step and "latency" in r]
+  """Dense ÷ slim latency per seed, as :func:`latency_run` timed them."""
+  quiet = results.get(f"{model}/latency", {"slim": {}})
+  return [quiet["dense"] / quiet["slim"][k] for k in
+          (f"{arm}/seed{i}/stop{step}" for i in common.seeds_of(s.seeds)) if k in quiet["slim"]]
 
 
 def _stop_table(s: Settings, results: dict, model: str) -> str:
