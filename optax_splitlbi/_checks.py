@@ -47,15 +47,16 @@ def hyperparameters(*, coupling: str, **values: Any) -> None:
 
 
 def direction(transform: Any, *, nesterov: bool, coupling: str) -> None:
-  """``direction`` is an optax transformation and excludes Nesterov and eq. 12's coupling."""
+  """``direction`` is an optax transformation and excludes Nesterov."""
   if transform is None:
     return
   if not (hasattr(transform, "init") and hasattr(transform, "update")):
     raise ValueError(f"splitlbi: direction must be an optax GradientTransformation "
                      f"(e.g. optax.scale_by_adam()), got {transform!r}.")
-  if nesterov or coupling != "outside":
-    raise ValueError("splitlbi: with a direction, nesterov must be False and coupling "
-                     "'outside' (the direction replaces the momentum).")
+  del coupling  # 'outside', or 'momentum': through the direction
+  if nesterov:
+    raise ValueError("splitlbi: with a direction, nesterov must be False (the direction "
+                     "replaces the momentum).")
 
 
 def _paths(params: Any) -> list[str]:

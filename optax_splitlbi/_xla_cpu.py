@@ -136,7 +136,8 @@ def fused_penalized_leaf_step(g, w, b, v, gam, prox_v: LeafProx, gamma_of: Optio
   r""":func:`~optax_splitlbi.transform.penalized_leaf_step`, spelled for multi-output fusion.
 
   With s = κα, the direction G·g̃' + B·b of the momentum step (G, B = 1, τ;
-  Nesterov: 1 + τ, τ²) and c = 1 (coupling outside) or G (through momentum),
+  Nesterov: 1 + τ, τ²) and c = 1 (coupling outside), G (through momentum) or 0
+  (``coupling="direction"``: g is the direction of ∇_W L̄ already),
   every output is a sum of the inputs times scalars, with no common term::
 
       W' − W = −sG·g̃ − sB·b − (sc/ν)·W + (sc/ν)·Γ
@@ -150,10 +151,13 @@ def fused_penalized_leaf_step(g, w, b, v, gam, prox_v: LeafProx, gamma_of: Optio
   """
   tau, step, beta = h.momentum, h.kappa * h.alpha, h.weight_decay or 0
   big_g, big_b = (1 + tau, tau * tau) if nesterov else (1, tau)
-  c = big_g if coupling == "momentum" else 1
-  c_w = step * big_g * beta + step * c / h.nu
-  w_step = (-(step * big_g) * g - (step * big_b) * b - c_w * w
-            + _gamma_times(step * c / h.nu, v, gam, gamma_of, 0))
+  if coupling == "direction":  # g = direction(∇L + (W − Γ)/ν): no coupling term in W'
+    w_step = -(step * big_g) * g - (step * big_b) * b - (step * big_g * beta) * w
+  else:
+    c = big_g if coupling == "momentum" else 1
+    c_w = step * big_g * beta + step * c / h.nu
+    w_step = (-(step * big_g) * g - (step * big_b) * b - c_w * w
+              + _gamma_times(step * c / h.nu, v, gam, gamma_of, 0))
   b_next = tau * b + g if h.weight_decay is None else tau * b + g + beta * w
   if coupling == "momentum":
     b_next = b_next + w / h.nu - _gamma_times(1 / h.nu, v, gam, gamma_of, 2)

@@ -24,6 +24,16 @@ decoupled as in AdamW::
     d  = direction(∇L(W))                     e.g. m̂/(√v̂ + ε)
     W' = W − κα·(d + β·W) − (κα/ν)·(W − Γ)     coupling outside the preconditioner
     V' = V − (α/ν)·(Γ − W),   Γ' = κ·Prox_{λΩ}(V')
+
+or, with ``coupling="momentum"``, the whole gradient of L̄ through it::
+
+    d  = direction(∇L(W) + (W − Γ)/ν)         ∇_W L̄, preconditioned
+    W' = W − κα·(d + β·W)
+
+There W settles where ∇L(W) + (W − Γ)/ν = 0, i.e. W − Γ = −ν·∇L(W), in the
+gradient's units as with the paper's update; outside the preconditioner d is of
+order one whatever the gradient's scale, and a group outside supp(Γ) settles
+near |W| ~ ν·|d| instead.
 """
 
 from __future__ import annotations
@@ -154,7 +164,8 @@ def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
     gamma_of: lean mode: V ↦ Γ = κ·Prox_t(V) with the κ and t of the last step.
     h: the step's hyperparameters α, κ, ν, τ and this leaf's β.
     nesterov: step along g̃ + τ·b'.
-    coupling: ``"outside"`` (official code) or ``"momentum"`` (paper eq. 12).
+    coupling: ``"outside"`` (official code), ``"momentum"`` (paper eq. 12) or
+      ``"direction"`` (``g`` is already the direction of ∇_W L̄: no coupling in W').
     own_buffer: ``own_buffer(fn, *args)`` computes the coupling gradient;
       ``fn(*args)`` except in the XLA:CPU form (:mod:`optax_splitlbi._xla_cpu`).
 
@@ -172,6 +183,7 @@ def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
   b_next, direction = momentum_step(b, g, h.momentum, nesterov)  # b' = τ·b + g̃
   if coupling == "outside":
     direction = direction + coupling_grad  # official code: outside it
+  # coupling == "direction": g is already direction(∇L + (W − Γ)/ν) (+ β·W)
   w_step = -h.kappa * h.alpha * direction  # W' = W − κα·b' − (κα/ν)·(W − Γ)
   v_next = dual_step(v, coupling_grad, h)  # V' = V − (α/ν)·(Γ − W)
   gam_next = h.kappa * prox_v(v_next)  # Γ' = κ·Prox_{λΩ}(V')
@@ -335,7 +347,8 @@ def splitlbi(
       lasso, else none), one spec for all leaves, a pytree (prefix) of specs,
       or a callable ``(path, leaf) -> spec``; see :mod:`optax_splitlbi.penalties`.
     coupling: ``"outside"`` (official code: (W − Γ)/ν added outside the
-      momentum) or ``"momentum"`` (paper eq. 12: through it).
+      momentum) or ``"momentum"`` (paper eq. 12: through it; with a
+      ``direction``, through the direction).
     record_path: keep in ``state.entry``, per group / entry, the step at which
       it first entered supp(Γ) (an int32 per group).
     store_gamma: keep Γ in the state (3× the penalized param bytes); ``False``
@@ -357,8 +370,10 @@ def splitlbi(
       direction d (e.g. ``optax.scale_by_adam()``, AdaBreg's preconditioner):
       W' = W − κα·(d + β·W) − (κα/ν)·(W − Γ), weight decay decoupled as in
       AdamW, on every leaf; ``momentum`` and ``nesterov`` do not apply (the
-      direction keeps its own state) and ``coupling`` must be ``"outside"``.
-      ``None`` (default): the paper's momentum update.
+      direction keeps its own state). ``coupling="momentum"`` passes the
+      coupling gradient through it too: W' = W − κα·(direction(∇L + (W − Γ)/ν)
+      + β·W), so W − Γ settles at −ν·∇L as in the paper's update (module
+      docstring). ``None`` (default): the paper's momentum update.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -367,7 +382,9 @@ def splitlbi(
   _checks.hyperparameters(learning_rate=learning_rate, kappa=kappa, nu=nu, lam=lam,
                           momentum=momentum, weight_decay=weight_decay, coupling=coupling)
   _checks.direction(direction, nesterov=nesterov, coupling=coupling)
-  steps = _leaf_steps(_xla_cpu.resolve_form(xla_cpu_form), nesterov, coupling)
+  through_direction = direction is not None and coupling == "momentum"
+  steps = _leaf_steps(_xla_cpu.resolve_form(xla_cpu_form), nesterov,
+                      "direction" if through_direction else coupling)
   decay_mask = weight_decay_mask if weight_decay_mask is not None else _default_decay_mask
 
   def init_fn(params: optax.Params) -> SplitLBIState:
@@ -391,13 +408,15 @@ def splitlbi(
                     count=state.count)
     stepped = state
     if direction is not None:  # d = direction(∇L) replaces b' = τ·b + ∇L: τ = 0, b = 0
-      updates, direction_state = direction.update(updates, state.direction, params)
       h = h._replace(momentum=0.0)
       stepped = state._replace(momentum=jax.tree.map(lambda b: jnp.zeros((), b.dtype),
                                                      state.momentum))
     leaves, thresholds = _flatten(updates, stepped, params, penalty=penalty, lam=lam,
                                   weight_decay=weight_decay, decay_mask=decay_mask,
                                   param_specs=param_specs)
+    if direction is not None:
+      leaves, direction_state = _directions(direction, leaves, state.direction, params, h,
+                                            through=through_direction)
     new = shrink_members([_leaf_update(leaf, h, steps) for leaf in leaves], h)
     updates, new_state = _unflatten(new, state, params, kappa=kappa, thresholds=thresholds)
     if direction is not None:
@@ -405,6 +424,20 @@ def splitlbi(
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _directions(direction: optax.GradientTransformation, leaves: list, direction_state,
+                params, h: Hyperparams, *, through: bool) -> tuple[list, Any]:
+  """Every leaf's gradient replaced by d = direction(∇L), or with ``through``
+  d = direction(∇L + (W − Γ)/ν) (penalized leaves; Γ stored or κ·Prox_t(V))."""
+  grads = [x.grad for x in leaves]
+  if through:
+    grads = [g if x.penalty is None else
+             g + coupling_gradient(x.param, x.gamma_of(x.v) if x.gamma is None else x.gamma, h)
+             for g, x in zip(grads, leaves)]
+  treedef = jax.tree.structure(params)
+  d, direction_state = direction.update(treedef.unflatten(grads), direction_state, params)
+  return [x._replace(grad=g) for x, g in zip(leaves, treedef.flatten_up_to(d))], direction_state
 
 
 def _flatten(updates, state: SplitLBIState, params, *, penalty, lam, weight_decay,

@@ -308,8 +308,10 @@ def test_state_structure_independent_of_values():
   np.testing.assert_allclose(t["qkv"]["bias"], 0.15 * math.sqrt(d), rtol=1e-6)
 
 
-def np_run_adam(w0, coef, target, steps, *, lr, kappa, nu, wd, b1=0.9, b2=0.999, eps=1e-8):
-  """SplitLBI with an Adam direction (AdaBreg-style), decoupled weight decay, in float64."""
+def np_run_adam(w0, coef, target, steps, *, lr, kappa, nu, wd, b1=0.9, b2=0.999, eps=1e-8,
+                through=False):
+  """SplitLBI with an Adam direction (AdaBreg-style), decoupled weight decay, in float64;
+  ``through``: Adam of ∇L + (W − Γ)/ν (the coupling inside the preconditioner)."""
   w = {k: x.astype(np.float64) for k, x in w0.items()}
   m = {k: np.zeros_like(x) for k, x in w.items()}
   s = {k: np.zeros_like(x) for k, x in w.items()}
@@ -319,13 +321,13 @@ def np_run_adam(w0, coef, target, steps, *, lr, kappa, nu, wd, b1=0.9, b2=0.999,
   for k in range(1, steps + 1):
     new_w = {}
     for n in w:
-      g = coef[n] * (w[n] - target[n])
+      c = (w[n] - gam[n]) / nu if n in v else 0.0
+      g = coef[n] * (w[n] - target[n]) + (c if through else 0.0)
       m[n] = b1 * m[n] + (1 - b1) * g
       s[n] = b2 * s[n] + (1 - b2) * g * g
       d = (m[n] / (1 - b1 ** k)) / (np.sqrt(s[n] / (1 - b2 ** k)) + eps)
       d = d + (wd * w[n] if w[n].ndim > 1 else 0.0)  # decoupled, as AdamW
-      c = (w[n] - gam[n]) / nu if n in v else 0.0
-      new_w[n] = w[n] - kappa * lr * (d + c)
+      new_w[n] = w[n] - kappa * lr * (d + (0.0 if through else c))
     for n in v:
       v[n] = v[n] - (lr / nu) * (gam[n] - w[n])
     gam = np_prox_all(v, kappa)
@@ -334,14 +336,16 @@ def np_run_adam(w0, coef, target, steps, *, lr, kappa, nu, wd, b1=0.9, b2=0.999,
   return hist
 
 
+@pytest.mark.parametrize("coupling", ["outside", "momentum"])
 @pytest.mark.parametrize("store_gamma", [True, False], ids=["stored", "lean"])
-def test_adam_direction_matches_numpy(store_gamma, update_form):
+def test_adam_direction_matches_numpy(store_gamma, coupling, update_form):
   w0, coef, target = _problem(2)
   tx = sl.splitlbi(0.05, kappa=2.0, nu=2.0, weight_decay=0.01, penalty=_penalty(),
                    direction=optax.scale_by_adam(), store_gamma=store_gamma,
-                   xla_cpu_form=update_form)
+                   xla_cpu_form=update_form, coupling=coupling)
   got = _run_jax(tx, w0, coef, target, 15)
-  ref = np_run_adam(w0, coef, target, 15, lr=0.05, kappa=2.0, nu=2.0, wd=0.01)
+  ref = np_run_adam(w0, coef, target, 15, lr=0.05, kappa=2.0, nu=2.0, wd=0.01,
+                    through=coupling == "momentum")
   for (params, state), (w_ref, v_ref, g_ref) in zip(got, ref):
     gamma = sl.gamma(state)
     for n in SHAPES:
@@ -357,5 +361,5 @@ def test_direction_argument_errors():
     sl.splitlbi(0.1, direction="adam")
   with pytest.raises(ValueError, match="nesterov"):
     sl.splitlbi(0.1, direction=optax.scale_by_adam(), nesterov=True)
-  with pytest.raises(ValueError, match="coupling"):
-    sl.splitlbi(0.1, direction=optax.scale_by_adam(), coupling="momentum")
+  with pytest.raises(ValueError, match="coupling must be 'outside' or 'momentum'"):
+    sl.splitlbi(0.1, direction=optax.scale_by_adam(), coupling="direction")

@@ -18,7 +18,9 @@ the same data order:
 - ``dense-sgd``: SGD, momentum 0.9, weight decay ``sgd_wd``, rate ``sgd_lr``;
 - ``splitlbi-sgd``: SplitLBI with the paper's momentum step (κ = 1, rate ``sgd_lr``);
 - ``splitlbi-adam``: SplitLBI with ``direction=optax.scale_by_adam()`` (AdaBreg-
-  type, decoupled weight decay ``adam_wd``, rate ``adam_lr``).
+  type, decoupled weight decay ``adam_wd``, rate ``adam_lr``); ``coupling``
+  ``"outside"`` (W' = W − κα·(d + β·W) − (κα/ν)·(W − Γ)) or ``"momentum"`` (the
+  coupling gradient through Adam: d = Adam(∇L + (W − Γ)/ν)).
 
 SplitLBI's penalty is :func:`optax_splitlbi.channel_groups`: one group per
 attention head (its query, key and value columns and biases) and one per MLP
@@ -100,6 +102,8 @@ class Settings:
   sgd_lr: float = 0.05
   sgd_wd: float = 1e-4
   nu: float = 100.0
+  gpt_nu: float = 0.0  # the GPT's ν where it differs (0: ``nu``)
+  coupling: str = "outside"  # of the Adam direction: "outside" or "momentum" (through it)
   adam_lam: float = 0.006
   sgd_lam: float = 0.063
   finetune_steps: int = 100
@@ -122,6 +126,13 @@ SETTINGS = {"full": Settings(),
                                    arms=("dense-adamw", "splitlbi-adam"), nu=10.0,
                                    adam_lam=0.01, stops=(750, 1000, 1250, 1500, 2000),
                                    latency_batch=256),
+            # small_init with the coupling gradient through Adam (d = Adam(∇L + (W − Γ)/ν)):
+            # W − Γ settles at −ν·∇L, so λ is in the gradient's units (far smaller)
+            "through": Settings(gpt=Settings.gpt + (("init_std", 0.02),),
+                                vit=Settings.vit + (("init_std", 0.02),),
+                                arms=("dense-adamw", "splitlbi-adam"), nu=100.0, gpt_nu=300.0,
+                                coupling="momentum", adam_lam=3e-4,
+                                stops=(750, 1000, 1250, 1500, 2000), latency_batch=256),
             "smoke": Settings(seeds=1, gpt=(("context", 16), ("d_model", 16), ("depth", 2),
                                             ("num_heads", 2), ("head_dim", 8), ("mlp_dim", 32)),
                               vit=(("patch", 7), ("d_model", 16), ("depth", 1), ("num_heads", 2),
@@ -230,8 +241,10 @@ def optimizer(s: Settings, arm: str, task: Task) -> optax.GradientTransformation
   if arm == "dense-sgd":
     return optax.chain(optax.add_decayed_weights(s.sgd_wd), optax.sgd(lr, momentum=0.9))
   if arm == "splitlbi-adam":
-    return sl.splitlbi(lr, kappa=1.0, nu=s.nu, lam=s.adam_lam, penalty=penalty(task, s.adam_lam),
-                       direction=optax.scale_by_adam(), weight_decay=s.adam_wd, record_path=True)
+    nu = s.gpt_nu if task.name == "gpt" and s.gpt_nu else s.nu
+    return sl.splitlbi(lr, kappa=1.0, nu=nu, lam=s.adam_lam, penalty=penalty(task, s.adam_lam),
+                       direction=optax.scale_by_adam(), weight_decay=s.adam_wd,
+                       coupling=s.coupling, record_path=True)
   return sl.splitlbi(lr, kappa=1.0, nu=s.nu, lam=s.sgd_lam, penalty=penalty(task, s.sgd_lam),
                      momentum=0.9, weight_decay=s.sgd_wd, record_path=True)
 
