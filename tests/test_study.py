@@ -174,6 +174,8 @@ def test_named_settings_pick_a_variant_and_unknown_ones_are_refused():
   assert (s.models, s.arms, s.steps, s.schedule) == (("vit",), ("dense-adamw",), 10000, "cosine")
   keys = [r.key for r in transformers.runs(dataclasses.replace(s, seeds=2), "idx:/x")]
   assert keys == ["vit/dense-adamw/seed0", "vit/dense-adamw/seed1"]
+  t = study.settings_of("transformers", False, None, variant="through")
+  assert (t.coupling, t.nu, t.gpt_nu, t.adam_lam) == ("momentum", 100.0, 300.0, 3e-4)
   with pytest.raises(SystemExit, match="--settings 'nope': study transformers has full, "):
     study.settings_of("transformers", False, None, variant="nope")
 

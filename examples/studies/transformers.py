@@ -52,6 +52,12 @@ V integrates W, so a group enters when ∫‖W_g‖ dt reaches λ·√d; with Le
 and all groups enter within a few hundred steps in an order the initial draw
 decides. With small kernels ‖W_g‖ is what training put there, so the order follows
 what the task needs (ν = 10, λ = 0.01; AdamW and the SplitLBI Adam direction only).
+
+Settings ``through`` (``--settings through``): ``small_init`` with the coupling
+gradient through Adam (``coupling="momentum"``: d = Adam(∇L + (W − Γ)/ν)). W − Γ
+then settles at −ν·∇L, so a group outside supp Γ shrinks to ν times its gradient
+instead of keeping AdamW's size, and λ is in the gradient's units (ν = 100, the GPT
+ν = 300, λ = 3·10⁻⁴). Its ``dense-adamw`` runs are the same as ``small_init``'s.
 """
 
 from __future__ import annotations
