@@ -381,7 +381,7 @@ def splitlbi(
   """
   _checks.hyperparameters(learning_rate=learning_rate, kappa=kappa, nu=nu, lam=lam,
                           momentum=momentum, weight_decay=weight_decay, coupling=coupling)
-  _checks.direction(direction, nesterov=nesterov, coupling=coupling)
+  _checks.direction(direction, nesterov=nesterov)
   through_direction = direction is not None and coupling == "momentum"
   steps = _leaf_steps(_xla_cpu.resolve_form(xla_cpu_form), nesterov,
                       "direction" if through_direction else coupling)

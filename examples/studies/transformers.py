@@ -68,7 +68,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import jax
@@ -108,7 +108,7 @@ class Settings:
   sgd_lr: float = 0.05
   sgd_wd: float = 1e-4
   nu: float = 100.0
-  gpt_nu: float = 0.0  # the GPT's ν where it differs (0: ``nu``)
+  gpt_nu: Optional[float] = None  # the GPT's ν where it differs (None: ``nu``)
   coupling: str = "outside"  # of the Adam direction: "outside" or "momentum" (through it)
   adam_lam: float = 0.006
   sgd_lam: float = 0.063
@@ -247,7 +247,7 @@ def optimizer(s: Settings, arm: str, task: Task) -> optax.GradientTransformation
   if arm == "dense-sgd":
     return optax.chain(optax.add_decayed_weights(s.sgd_wd), optax.sgd(lr, momentum=0.9))
   if arm == "splitlbi-adam":
-    nu = s.gpt_nu if task.name == "gpt" and s.gpt_nu else s.nu
+    nu = s.gpt_nu if task.name == "gpt" and s.gpt_nu is not None else s.nu
     return sl.splitlbi(lr, kappa=1.0, nu=nu, lam=s.adam_lam, penalty=penalty(task, s.adam_lam),
                        direction=optax.scale_by_adam(), weight_decay=s.adam_wd,
                        coupling=s.coupling, record_path=True)
