@@ -46,14 +46,17 @@ def hyperparameters(*, coupling: str, **values: Any) -> None:
     raise ValueError(f"splitlbi: coupling must be 'outside' or 'momentum', got {coupling!r}.")
 
 
+def transformation(name: str, transform: Any) -> None:
+  """``transform`` (argument ``name``) is ``None`` or an optax transformation."""
+  if transform is not None and not (hasattr(transform, "init") and hasattr(transform, "update")):
+    raise ValueError(f"splitlbi: {name} must be an optax GradientTransformation "
+                     f"(e.g. optax.scale_by_adam()), got {transform!r}.")
+
+
 def direction(transform: Any, *, nesterov: bool) -> None:
   """``direction`` is an optax transformation and excludes Nesterov."""
-  if transform is None:
-    return
-  if not (hasattr(transform, "init") and hasattr(transform, "update")):
-    raise ValueError(f"splitlbi: direction must be an optax GradientTransformation "
-                     f"(e.g. optax.scale_by_adam()), got {transform!r}.")
-  if nesterov:
+  transformation("direction", transform)
+  if transform is not None and nesterov:
     raise ValueError("splitlbi: with a direction, nesterov must be False (the direction "
                      "replaces the momentum).")
 

@@ -85,11 +85,11 @@ def _norms_outside(gamma_of: Optional[LeafProx], v: jax.Array) -> Any:
   return _GroupGamma(gamma_of.scale * gamma_of.factors(v))
 
 
-def buffered_leaf_step(step_fn: Callable[..., Any], g, w, b, v, gam, prox_v: LeafProx,
+def buffered_leaf_step(step_fn: Callable[..., Any], g, w, b, v, gam, dual, prox_v: LeafProx,
                        gamma_of: Optional[LeafProx], h, **options) -> Any:
   """``step_fn`` (the equations form) with the coupling gradient in its own
   buffer; the step count (``h.count``, traced) makes the predicate."""
-  return step_fn(g, w, b, v, gam, prox_v, _norms_outside(gamma_of, v), h, **options,
+  return step_fn(g, w, b, v, gam, dual, prox_v, _norms_outside(gamma_of, v), h, **options,
                  own_buffer=functools.partial(own_buffer, h.count >= 0))
 
 
@@ -131,8 +131,8 @@ def _gamma_times(c, v, gam, gamma_of: Optional[LeafProx], spelling: int):
   return (c * gamma_of.scale * gamma_of.factors(v)) * v
 
 
-def fused_penalized_leaf_step(g, w, b, v, gam, prox_v: LeafProx, gamma_of: Optional[LeafProx],
-                              h, *, nesterov: bool, coupling: str):
+def fused_penalized_leaf_step(g, w, b, v, gam, dual, prox_v: LeafProx,
+                              gamma_of: Optional[LeafProx], h, *, nesterov: bool, coupling: str):
   r""":func:`~optax_splitlbi.transform.penalized_leaf_step`, spelled for multi-output fusion.
 
   With s = κα, the direction G·g̃' + B·b of the momentum step (G, B = 1, τ;
@@ -142,7 +142,7 @@ def fused_penalized_leaf_step(g, w, b, v, gam, prox_v: LeafProx, gamma_of: Optio
 
       W' − W = −sG·g̃ − sB·b − (sc/ν)·W + (sc/ν)·Γ
       b'     = τ·b + g̃                    (+ W/ν − Γ/ν through the momentum)
-      V'     = V + (α/ν)·(W − Γ)
+      V'     = V + (α/ν)·(W − Γ)            (V + α·dual with a dual direction)
       Γ'     = κ·Prox(V − (α/ν)·(Γ − W))   (V' spelled apart: a lasso Γ' joins the kernel)
 
   The decay g̃ = g + β·W is expanded too (β joins W's coefficient), and in
@@ -161,6 +161,9 @@ def fused_penalized_leaf_step(g, w, b, v, gam, prox_v: LeafProx, gamma_of: Optio
   b_next = tau * b + g if h.weight_decay is None else tau * b + g + beta * w
   if coupling == "momentum":
     b_next = b_next + w / h.nu - _gamma_times(1 / h.nu, v, gam, gamma_of, 2)
+  if dual is not None:  # V' = V + α·D((W − Γ)/ν), D computed before the leaf steps
+    v_next = v + h.alpha * dual
+    return w_step, b_next, v_next, h.kappa * prox_v(v + h.alpha * dual)
   v_next = v + (h.alpha / h.nu) * (w - _gamma_times(1, v, gam, gamma_of, 1))
   # A lasso Γ' is elementwise and joins the kernel if V' is spelled apart; a
   # group Γ' needs the norms of V' first, so it reads the kernel's V'.

@@ -34,6 +34,15 @@ There W settles where ∇L(W) + (W − Γ)/ν = 0, i.e. W − Γ = −ν·∇L(W
 gradient's units as with the paper's update; outside the preconditioner d is of
 order one whatever the gradient's scale, and a group outside supp(Γ) settles
 near |W| ~ ν·|d| instead.
+
+Settled so, V' = V − α·∇L(W): V, and Γ on its support, descend the loss by plain
+gradient steps of size α, while W moves at the preconditioned speed only within
+ν·∇L of Γ. ``dual_direction`` (e.g. a second ``optax.scale_by_adam()``, AdaBreg's
+Adam on the dual variable) preconditions the dual step as well::
+
+    V' = V + α·dual_direction((W − Γ)/ν),   Γ' = κ·Prox_{λΩ}(V')
+
+so that settled, V' = V − α·Adam(∇L(W)).
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ class SplitLBIState(NamedTuple):
       every leaf (``None`` if unpenalized). Static: holds no arrays.
     direction: with ``splitlbi(direction=...)``, that transformation's state
       (``momentum`` then holds the last step direction d + β·W); else ``None``.
+    dual_direction: with ``splitlbi(dual_direction=...)``, that transformation's
+      state over the penalized leaves (``MaskedNode`` elsewhere); else ``None``.
   """
 
   count: jax.Array
@@ -90,6 +101,7 @@ class SplitLBIState(NamedTuple):
   threshold: jax.Array
   penalty: Any
   direction: Any = None
+  dual_direction: Any = None
 
 
 class Hyperparams(NamedTuple):
@@ -146,7 +158,7 @@ def dual_step(v: jax.Array, coupling_grad: jax.Array, h: Hyperparams) -> jax.Arr
   return v + h.alpha * coupling_grad
 
 
-def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
+def penalized_leaf_step(g, w, b, v, gam, dual, prox_v: prox_lib.LeafProx,
                         gamma_of: Optional[prox_lib.LeafProx], h: Hyperparams, *,
                         nesterov: bool, coupling: str,
                         own_buffer: Callable[..., jax.Array] = _call):
@@ -158,6 +170,8 @@ def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
     b: the momentum buffer b.
     v: the dual variable V.
     gam: the stored Γ, or ``None`` in lean mode (``store_gamma=False``).
+    dual: the preconditioned dual step D((W − Γ)/ν) (``dual_direction``), or
+      ``None``: V' = V + α·(W − Γ)/ν.
     prox_v: Prox_{λΩ} of this leaf, a function of V (soft-threshold or group
       shrinkage at the leaf's threshold t; for a member of a cross-leaf class,
       the shrinkage by the group norms over all members of V').
@@ -185,7 +199,7 @@ def penalized_leaf_step(g, w, b, v, gam, prox_v: prox_lib.LeafProx,
     direction = direction + coupling_grad  # official code: outside it
   # coupling == "direction": g is already direction(∇L + (W − Γ)/ν) (+ β·W)
   w_step = -h.kappa * h.alpha * direction  # W' = W − κα·b' − (κα/ν)·(W − Γ)
-  v_next = dual_step(v, coupling_grad, h)  # V' = V − (α/ν)·(Γ − W)
+  v_next = dual_step(v, coupling_grad if dual is None else dual, h)  # V' = V − (α/ν)·(Γ − W)
   gam_next = h.kappa * prox_v(v_next)  # Γ' = κ·Prox_{λΩ}(V')
   return w_step, b_next, v_next, gam_next
 
@@ -204,6 +218,7 @@ class _Leaf(NamedTuple):
   axis_name: tuple
   gamma_of: Optional[prox_lib.LeafProx]  # lean mode: V ↦ Γ of the last step
   weight_decay: Any  # β, or None where the leaf is not decayed
+  dual: Any = None  # D((W − Γ)/ν) with a dual_direction, else None
 
 
 def _leaf_update(leaf: _Leaf, h: Hyperparams, steps) -> _Leaf:
@@ -225,7 +240,9 @@ def _leaf_update(leaf: _Leaf, h: Hyperparams, steps) -> _Leaf:
             else prox_lib.LeafProx(pe, t, axes))
   v = leaf.v.astype(ctype)
   gam = None if leaf.gamma is None else leaf.gamma.astype(ctype)
-  update, b_next, v_next, gam_next = penalized_step(g, w, b, v, gam, prox_v, leaf.gamma_of, h)
+  dual = None if leaf.dual is None else leaf.dual.astype(ctype)
+  update, b_next, v_next, gam_next = penalized_step(g, w, b, v, gam, dual, prox_v,
+                                                    leaf.gamma_of, h)
   entry = leaf.entry
   if entry is not None and pe.shared is None:  # the first step the group entered supp Γ
     entered = prox_v.active(v_next) & (entry < 0)
@@ -247,8 +264,8 @@ def _leaf_steps(form: str, nesterov: bool, coupling: str):
     cpu = (functools.partial(_xla_cpu.fused_penalized_leaf_step, nesterov=nesterov,
                              coupling=coupling),
            functools.partial(_xla_cpu.fused_sgd_leaf_step, nesterov=nesterov))
-  # The arrays are (g, W, b, V, Γ) and (g, W, b).
-  return tuple(_xla_cpu.on_cpu(c, e, n) for c, e, n in zip(cpu, equations, (5, 3)))
+  # The arrays are (g, W, b, V, Γ, dual) and (g, W, b).
+  return tuple(_xla_cpu.on_cpu(c, e, n) for c, e, n in zip(cpu, equations, (6, 3)))
 
 
 def _thresholds(resolved: list, layouts: list, lam) -> list:
@@ -317,6 +334,7 @@ def splitlbi(
     param_specs: Any = None,
     xla_cpu_form: str = "auto",
     direction: Optional[optax.GradientTransformation] = None,
+    dual_direction: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Split Linearized Bregman Iteration (Fu et al., "Exploring Structural
   Sparsity of Deep Networks via Inverse Scale Spaces", TPAMI 2022; eqs. 4, 12-14).
@@ -374,6 +392,12 @@ def splitlbi(
       coupling gradient through it too: W' = W − κα·(direction(∇L + (W − Γ)/ν)
       + β·W), so W − Γ settles at −ν·∇L as in the paper's update (module
       docstring). ``None`` (default): the paper's momentum update.
+    dual_direction: an optax transformation preconditioning the dual step,
+      V' = V + α·dual_direction((W − Γ)/ν) (e.g. ``optax.scale_by_adam()``: with
+      ``coupling="momentum"`` and an Adam ``direction`` V, and Γ on its support,
+      then descend the loss at Adam's speed rather than by plain gradient steps;
+      AdaBreg's Adam on the dual variable). Its state covers the penalized
+      leaves only. ``None`` (default): V' = V + (α/ν)·(W − Γ), the paper's.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -382,6 +406,7 @@ def splitlbi(
   _checks.hyperparameters(learning_rate=learning_rate, kappa=kappa, nu=nu, lam=lam,
                           momentum=momentum, weight_decay=weight_decay, coupling=coupling)
   _checks.direction(direction, nesterov=nesterov)
+  _checks.transformation("dual_direction", dual_direction)
   through_direction = direction is not None and coupling == "momentum"
   steps = _leaf_steps(_xla_cpu.resolve_form(xla_cpu_form), nesterov,
                       "direction" if through_direction else coupling)
@@ -398,7 +423,9 @@ def splitlbi(
         kappa=_scalar_copy(kappa),
         threshold=_threshold_vector(_thresholds(resolved, layouts, lam)),
         penalty=treedef.unflatten(layouts),
-        direction=None if direction is None else direction.init(params))
+        direction=None if direction is None else direction.init(params),
+        dual_direction=None if dual_direction is None else dual_direction.init(
+            _penalized(params, resolved)))
 
   def update_fn(updates, state: SplitLBIState, params=None, **extra_args):
     del extra_args
@@ -414,30 +441,61 @@ def splitlbi(
     leaves, thresholds = _flatten(updates, stepped, params, penalty=penalty, lam=lam,
                                   weight_decay=weight_decay, decay_mask=decay_mask,
                                   param_specs=param_specs)
+    couplings = _coupling_gradients(leaves, h)  # (W − Γ)/ν, old W and Γ
     if direction is not None:
-      leaves, direction_state = _directions(direction, leaves, state.direction, params, h,
-                                            through=through_direction)
+      leaves, direction_state = _directions(direction, leaves, state.direction, params,
+                                            couplings if through_direction else None)
+    if dual_direction is not None:
+      leaves, dual_state = _dual_directions(dual_direction, leaves, state.dual_direction,
+                                            params, couplings)
     new = shrink_members([_leaf_update(leaf, h, steps) for leaf in leaves], h)
     updates, new_state = _unflatten(new, state, params, kappa=kappa, thresholds=thresholds)
     if direction is not None:
       new_state = new_state._replace(direction=direction_state)
+    if dual_direction is not None:
+      new_state = new_state._replace(dual_direction=dual_state)
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _coupling_gradients(leaves: list, h: Hyperparams) -> list:
+  """(W − Γ)/ν of every penalized leaf (Γ stored or κ·Prox_t(V)); ``None`` elsewhere.
+  Computed lazily: XLA drops what neither direction reads."""
+  return [None if x.penalty is None else
+          coupling_gradient(x.param, x.gamma_of(x.v) if x.gamma is None else x.gamma, h)
+          for x in leaves]
+
+
+def _penalized(tree: Any, resolved: list) -> Any:
+  """``tree`` with ``MaskedNode`` on the unpenalized leaves (the dual's structure)."""
+  treedef = jax.tree.structure(tree)
+  return treedef.unflatten([_MASKED if r is None else x
+                            for x, r in zip(treedef.flatten_up_to(tree), resolved)])
+
+
 def _directions(direction: optax.GradientTransformation, leaves: list, direction_state,
-                params, h: Hyperparams, *, through: bool) -> tuple[list, Any]:
-  """Every leaf's gradient replaced by d = direction(∇L), or with ``through``
-  d = direction(∇L + (W − Γ)/ν) (penalized leaves; Γ stored or κ·Prox_t(V))."""
+                params, couplings: Optional[list]) -> tuple[list, Any]:
+  """Every leaf's gradient replaced by d = direction(∇L), or with ``couplings``
+  (coupling through the direction) d = direction(∇L + (W − Γ)/ν)."""
   grads = [x.grad for x in leaves]
-  if through:
-    grads = [g if x.penalty is None else
-             g + coupling_gradient(x.param, x.gamma_of(x.v) if x.gamma is None else x.gamma, h)
-             for g, x in zip(grads, leaves)]
+  if couplings is not None:
+    grads = [g if c is None else g + c for g, c in zip(grads, couplings)]
   treedef = jax.tree.structure(params)
   d, direction_state = direction.update(treedef.unflatten(grads), direction_state, params)
   return [x._replace(grad=g) for x, g in zip(leaves, treedef.flatten_up_to(d))], direction_state
+
+
+def _dual_directions(dual_direction: optax.GradientTransformation, leaves: list, dual_state,
+                     params, couplings: list) -> tuple[list, Any]:
+  """Every penalized leaf's dual step D((W − Γ)/ν) into ``_Leaf.dual``."""
+  treedef = jax.tree.structure(params)
+  masked = lambda xs: treedef.unflatten([_MASKED if c is None else x  # noqa: E731
+                                         for x, c in zip(xs, couplings)])
+  d, dual_state = dual_direction.update(masked(couplings), dual_state,
+                                        masked([x.param for x in leaves]))
+  return [x if c is None else x._replace(dual=dx)
+          for x, c, dx in zip(leaves, couplings, treedef.flatten_up_to(d))], dual_state
 
 
 def _flatten(updates, state: SplitLBIState, params, *, penalty, lam, weight_decay,

@@ -308,57 +308,70 @@ def test_state_structure_independent_of_values():
   np.testing.assert_allclose(t["qkv"]["bias"], 0.15 * math.sqrt(d), rtol=1e-6)
 
 
-def np_run_adam(w0, coef, target, steps, *, lr, kappa, nu, wd, b1=0.9, b2=0.999, eps=1e-8,
-                through=False):
+def np_adam(m, s, g, k, b1=0.9, b2=0.999, eps=1e-8):
+  """One Adam direction m̂/(√ŝ + ε) at step k; updates the moments m, s in place."""
+  m *= b1
+  m += (1 - b1) * g
+  s *= b2
+  s += (1 - b2) * g * g
+  return (m / (1 - b1 ** k)) / (np.sqrt(s / (1 - b2 ** k)) + eps)
+
+
+def np_run_adam(w0, coef, target, steps, *, lr, kappa, nu, wd, through=False, dual=False):
   """SplitLBI with an Adam direction (AdaBreg-style), decoupled weight decay, in float64;
-  ``through``: Adam of ∇L + (W − Γ)/ν (the coupling inside the preconditioner)."""
+  ``through``: Adam of ∇L + (W − Γ)/ν (the coupling inside the preconditioner); ``dual``:
+  V' = V + α·Adam₂((W − Γ)/ν), a second Adam of its own."""
   w = {k: x.astype(np.float64) for k, x in w0.items()}
-  m = {k: np.zeros_like(x) for k, x in w.items()}
-  s = {k: np.zeros_like(x) for k, x in w.items()}
+  m, s = ({k: np.zeros_like(x) for k, x in w.items()} for _ in range(2))
   v = {k: np.zeros_like(x) for k, x in w.items() if REST.get(k, ("x",))[0] is not None}
   gam = {k: np.zeros_like(x) for k, x in v.items()}
+  dm, ds = ({k: np.zeros_like(x) for k, x in v.items()} for _ in range(2))
   hist = []
   for k in range(1, steps + 1):
     new_w = {}
     for n in w:
       c = (w[n] - gam[n]) / nu if n in v else 0.0
       g = coef[n] * (w[n] - target[n]) + (c if through else 0.0)
-      m[n] = b1 * m[n] + (1 - b1) * g
-      s[n] = b2 * s[n] + (1 - b2) * g * g
-      d = (m[n] / (1 - b1 ** k)) / (np.sqrt(s[n] / (1 - b2 ** k)) + eps)
+      d = np_adam(m[n], s[n], g, k)
       d = d + (wd * w[n] if w[n].ndim > 1 else 0.0)  # decoupled, as AdamW
       new_w[n] = w[n] - kappa * lr * (d + (0.0 if through else c))
     for n in v:
-      v[n] = v[n] - (lr / nu) * (gam[n] - w[n])
+      c = (w[n] - gam[n]) / nu
+      v[n] = v[n] + lr * (np_adam(dm[n], ds[n], c, k) if dual else c)
     gam = np_prox_all(v, kappa)
     w = new_w
     hist.append(({n: x.copy() for n, x in w.items()}, dict(v), dict(gam)))
   return hist
 
 
-@pytest.mark.parametrize("coupling", ["outside", "momentum"])
+@pytest.mark.parametrize("coupling, dual", [("outside", False), ("momentum", False),
+                                           ("momentum", True)], ids=["outside", "through",
+                                                                     "through-dual"])
 @pytest.mark.parametrize("store_gamma", [True, False], ids=["stored", "lean"])
-def test_adam_direction_matches_numpy(store_gamma, coupling, update_form):
+def test_adam_direction_matches_numpy(store_gamma, coupling, dual, update_form):
   w0, coef, target = _problem(2)
   tx = sl.splitlbi(0.05, kappa=2.0, nu=2.0, weight_decay=0.01, penalty=_penalty(),
                    direction=optax.scale_by_adam(), store_gamma=store_gamma,
-                   xla_cpu_form=update_form, coupling=coupling)
+                   xla_cpu_form=update_form, coupling=coupling,
+                   dual_direction=optax.scale_by_adam() if dual else None)
   got = _run_jax(tx, w0, coef, target, 15)
   ref = np_run_adam(w0, coef, target, 15, lr=0.05, kappa=2.0, nu=2.0, wd=0.01,
-                    through=coupling == "momentum")
+                    through=coupling == "momentum", dual=dual)
   for (params, state), (w_ref, v_ref, g_ref) in zip(got, ref):
     gamma = sl.gamma(state)
     for n in SHAPES:
       np.testing.assert_allclose(_get(params, n), w_ref[n], rtol=2e-4, atol=2e-5, err_msg=n)
       if n in v_ref:
         np.testing.assert_allclose(_get(gamma, n), g_ref[n], rtol=2e-4, atol=2e-5, err_msg=n)
-  nz = np.mean(ref[-1][2]["conv/kernel"] != 0)
-  assert 0 < nz < 1, nz
+  nz = [np.mean(r[2]["conv/kernel"] != 0) for r in ref]  # the path passes a partial support
+  assert any(0 < x < 1 for x in nz), nz
 
 
 def test_direction_argument_errors():
   with pytest.raises(ValueError, match="direction must be an optax"):
     sl.splitlbi(0.1, direction="adam")
+  with pytest.raises(ValueError, match="dual_direction must be an optax"):
+    sl.splitlbi(0.1, dual_direction="adam")
   with pytest.raises(ValueError, match="nesterov"):
     sl.splitlbi(0.1, direction=optax.scale_by_adam(), nesterov=True)
   with pytest.raises(ValueError, match="coupling must be 'outside' or 'momentum'"):

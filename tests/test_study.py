@@ -176,6 +176,12 @@ def test_named_settings_pick_a_variant_and_unknown_ones_are_refused():
   assert keys == ["vit/dense-adamw/seed0", "vit/dense-adamw/seed1"]
   t = study.settings_of("transformers", False, None, variant="through")
   assert (t.coupling, t.nu, t.gpt_nu, t.adam_lam) == ("momentum", 100.0, 300.0, 3e-4)
+  n = study.settings_of("transformers", False, None, variant="narrow")
+  assert (n.arms, n.gpt, n.vit) == (("dense-adamw", "narrow-adamw"), t.gpt, t.vit)
+  d = study.settings_of("transformers", False, None, variant="dual")
+  assert (d.dual, d.coupling, d.nu, d.gpt_nu, d.adam_lam, d.gpt, d.vit) == (
+      True, "momentum", 100.0, 300.0, 1.5, t.gpt, t.vit)
+  assert d.arms == ("dense-adamw", "narrow-adamw", "splitlbi-adam")
   with pytest.raises(SystemExit, match="--settings 'nope': study transformers has full, "):
     study.settings_of("transformers", False, None, variant="nope")
 
@@ -202,7 +208,11 @@ def test_fashion_configs_follow_table1_variants():
                 "(a) BatchNorm scale / shift", "| consumers | 4 |"]),
     ("growth", ["| grow/preserve |", "| grow/official |", "| fixed/full | 6 / 16 / 120 / 84 |"]),
     ("transformers", ["## GPT on fortunes", "## ViT on Fashion-MNIST", "| splitlbi-adam | 6 |",
-                      "| dense-adamw | 6 | all |", "importance + fine-tune"]),
+                      "| dense-adamw | 6 | all |", "importance + fine-tune",
+                      # the smoke ViT (d 16, head_dim 8, one block) at half width, by hand:
+                      # outside the block 7·7·16 + 16 + 16 + 17·16 + 32 + 16·10 + 10 = 1290;
+                      # the block of 2 heads, 32 neurons 2224, of 1 head, 16 neurons 1160
+                      "| narrow-adamw | 6 | 1.0 ± 0.0 | 16 ± 0 | 69.7 ± 0.0 | – | – |"]),
 ])
 def test_every_study_runs_in_smoke_mode(idx_dir, text_dir, tmp_path, name, expect):
   out = str(tmp_path / "out")

@@ -18,6 +18,9 @@ class _Task:
     self.sample = jnp.zeros((2, 8), jnp.int32)
     self.s = ts.Settings(score_batches=3)
 
+  def init(self, seed):
+    return self.model.init(jax.random.key(seed), self.sample)["params"]
+
   def losses(self, params, batch):
     logits = self.model.apply({"params": params}, batch["inputs"])
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)
@@ -100,3 +103,16 @@ def test_importance_is_the_gradient_of_a_gate_on_each_head_and_neuron(gpt):
         want[c.name][g] += abs(float(jax.grad(loss)(1.0))) / task.s.score_batches
   for name in want:
     np.testing.assert_allclose(got[name], want[name], rtol=2e-4, atol=1e-7)
+
+
+def test_narrowed_halves_heads_and_neurons_of_every_block():
+  task = _Task()
+  got = ts.narrowed(task)
+  # by hand, d = 8, head_dim 4: a block of h heads and m neurons holds q, k, v 3·(8·4h + 4h),
+  # out 4h·8 + 8, two LayerNorms 32, mlp_in 8m + m, mlp_out 8m + 8; outside the blocks the
+  # tied embedding 11·8, positions 8·8 and ln_f 16. Full (h 2, m 6): 430 a block, 1028 in
+  # all; half (h 1, m 3): 239 a block, 646 in all.
+  assert got == {"heads": [1, 1], "neurons": [3, 3], "params_share": 646 / 1028}
+  assert (task.model.num_heads, task.model.mlp_dim) == (1, 3)
+  with pytest.raises(ValueError, match="narrow-adamw: num_heads=1"):
+    ts.narrowed(task)

@@ -20,7 +20,11 @@ the same data order:
 - ``splitlbi-adam``: SplitLBI with ``direction=optax.scale_by_adam()`` (AdaBreg-
   type, decoupled weight decay ``adam_wd``, rate ``adam_lr``); ``coupling``
   ``"outside"`` (W' = W − κα·(d + β·W) − (κα/ν)·(W − Γ)) or ``"momentum"`` (the
-  coupling gradient through Adam: d = Adam(∇L + (W − Γ)/ν)).
+  coupling gradient through Adam: d = Adam(∇L + (W − Γ)/ν)); ``dual``: the dual
+  step through a second Adam, V' = V + α·Adam((W − Γ)/ν);
+- ``narrow-adamw`` (where ``arms`` names it): AdamW from scratch on the model with
+  half the heads and half the MLP neurons of every block (:func:`narrowed`), what the
+  goal's structure (≤ 50 % of both) reaches in the same steps.
 
 SplitLBI's penalty is :func:`optax_splitlbi.channel_groups`: one group per
 attention head (its query, key and value columns and biases) and one per MLP
@@ -58,6 +62,11 @@ gradient through Adam (``coupling="momentum"``: d = Adam(∇L + (W − Γ)/ν)).
 then settles at −ν·∇L, so a group outside supp Γ shrinks to ν times its gradient
 instead of keeping AdamW's size, and λ is in the gradient's units (ν = 100, the GPT
 ν = 300, λ = 3·10⁻⁴). Its ``dense-adamw`` runs are the same as ``small_init``'s.
+
+Settings ``narrow``: ``small_init``'s AdamW runs beside ``narrow-adamw``. Settings
+``dual``: ``through`` with ``dual=True`` (V and Γ then move at Adam's speed instead of
+by plain gradient steps of α: :mod:`optax_splitlbi.transform`), λ = 1.5 in W's units;
+its ``dense-adamw`` and ``narrow-adamw`` runs are ``narrow``'s.
 """
 
 from __future__ import annotations
@@ -83,6 +92,7 @@ from examples.studies import common
 
 MODELS = ("gpt", "vit")
 ARMS = ("dense-adamw", "dense-sgd", "splitlbi-sgd", "splitlbi-adam")
+NARROW = "narrow-adamw"  # AdamW from scratch on half the heads and neurons of every block
 CONTROLS = ("magnitude", "importance", "random")
 LOG2 = math.log(2.0)
 
@@ -110,6 +120,7 @@ class Settings:
   nu: float = 100.0
   gpt_nu: Optional[float] = None  # the GPT's ν where it differs (None: ``nu``)
   coupling: str = "outside"  # of the Adam direction: "outside" or "momentum" (through it)
+  dual: bool = False  # the dual step preconditioned too: dual_direction=optax.scale_by_adam()
   adam_lam: float = 0.006
   sgd_lam: float = 0.063
   finetune_steps: int = 100
@@ -139,11 +150,25 @@ SETTINGS = {"full": Settings(),
                                 arms=("dense-adamw", "splitlbi-adam"), nu=100.0, gpt_nu=300.0,
                                 coupling="momentum", adam_lam=3e-4,
                                 stops=(750, 1000, 1250, 1500, 2000), latency_batch=256),
+            # the capacity of the goal's structure: small_init's AdamW, beside the same
+            # model with half the heads and neurons of every block trained from scratch
+            "narrow": Settings(gpt=Settings.gpt + (("init_std", 0.02),),
+                               vit=Settings.vit + (("init_std", 0.02),),
+                               arms=("dense-adamw", NARROW), stops=(750, 1000, 1250, 1500, 2000)),
+            # through, with Adam on the dual step as well (V' = V + α·Adam((W − Γ)/ν)): V
+            # moves at Adam's speed, in W's units (λ 1.5); the dense and narrow runs are
+            # narrow's
+            "dual": Settings(gpt=Settings.gpt + (("init_std", 0.02),),
+                             vit=Settings.vit + (("init_std", 0.02),),
+                             arms=("dense-adamw", NARROW, "splitlbi-adam"), nu=100.0,
+                             gpt_nu=300.0, coupling="momentum", dual=True, adam_lam=1.5,
+                             stops=(750, 1000, 1250, 1500, 2000), latency_batch=256),
             "smoke": Settings(seeds=1, gpt=(("context", 16), ("d_model", 16), ("depth", 2),
                                             ("num_heads", 2), ("head_dim", 8), ("mlp_dim", 32)),
                               vit=(("patch", 7), ("d_model", 16), ("depth", 1), ("num_heads", 2),
                                    ("head_dim", 8), ("mlp_dim", 32)),
-                              steps=6, stops=(6,), gpt_batch=4, vit_batch=8, warmup=2,
+                              arms=ARMS + (NARROW,), steps=6, stops=(6,), gpt_batch=4,
+                              vit_batch=8, warmup=2,
                               adam_lam=1e-4, sgd_lam=1e-3, finetune_steps=2, score_batches=2,
                               eval_windows=8, latency_batch=4, rounds=2)}
 
@@ -242,7 +267,7 @@ def optimizer(s: Settings, arm: str, task: Task) -> optax.GradientTransformation
   peak = s.adam_lr if adam else s.sgd_lr
   lr = (optax.warmup_cosine_decay_schedule(0.0, peak, s.warmup, s.steps)
         if s.schedule == "cosine" else optax.warmup_constant_schedule(0.0, peak, s.warmup))
-  if arm == "dense-adamw":
+  if arm in ("dense-adamw", NARROW):
     return optax.adamw(lr, weight_decay=s.adam_wd)
   if arm == "dense-sgd":
     return optax.chain(optax.add_decayed_weights(s.sgd_wd), optax.sgd(lr, momentum=0.9))
@@ -250,7 +275,8 @@ def optimizer(s: Settings, arm: str, task: Task) -> optax.GradientTransformation
     nu = s.gpt_nu if task.name == "gpt" and s.gpt_nu is not None else s.nu
     return sl.splitlbi(lr, kappa=1.0, nu=nu, lam=s.adam_lam, penalty=penalty(task, s.adam_lam),
                        direction=optax.scale_by_adam(), weight_decay=s.adam_wd,
-                       coupling=s.coupling, record_path=True)
+                       coupling=s.coupling, record_path=True,
+                       dual_direction=optax.scale_by_adam() if s.dual else None)
   return sl.splitlbi(lr, kappa=1.0, nu=s.nu, lam=s.sgd_lam, penalty=penalty(task, s.sgd_lam),
                      momentum=0.9, weight_decay=s.sgd_wd, record_path=True)
 
@@ -402,13 +428,35 @@ def _snapshot(run_dir: str, step: int) -> str:
   return os.path.join(run_dir, f"stop{step}.msgpack")
 
 
+def _count(params: Any) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def narrowed(task: Task) -> dict:
+  """Gives ``task`` half the heads and half the MLP neurons of every block (the most
+  that W on supp Γ may keep in the issue's goal), to train from scratch: what that
+  structure reaches in the same steps. Returns its heads, neurons and params share."""
+  m, full = task.model, _count(task.init(0))
+  if m.num_heads < 2 or (m.num_kv_heads or 2) < 2:
+    raise ValueError(f"narrow-adamw: num_heads={m.num_heads}, num_kv_heads={m.num_kv_heads}:"
+                     " halving needs at least 2 of each.")
+  task.model = m.clone(num_heads=m.num_heads // 2, mlp_dim=m.mlp_dim // 2,
+                       num_kv_heads=m.num_kv_heads and m.num_kv_heads // 2)
+  return {"heads": [m.num_heads // 2] * m.depth, "neurons": [m.mlp_dim // 2] * m.depth,
+          "params_share": _count(task.init(0)) / full}
+
+
 def dense_run(s: Settings, model: str, arm: str, config: Config, run_dir: str) -> dict:
-  """A dense baseline: the metric at every stop (AdamW: W saved there for the controls)."""
+  """A dense baseline: the metric at every stop (AdamW: W saved there for the controls;
+  ``narrow-adamw``: the model of :func:`narrowed`)."""
   task, rows = _task(s, model, config.dataset), []
+  if arm == NARROW:  # a task of its own: the cached one keeps its model
+    task = Task(s, model, config.dataset)
+  structure = narrowed(task) if arm == NARROW else {}
 
   def on_stop(step, params, opt_state):
     del opt_state
-    rows.append({"step": step, "dense": task.metric(params)})
+    rows.append({"step": step, "dense": task.metric(params), **structure})
     if arm == "dense-adamw":
       with open(_snapshot(run_dir, step), "wb") as f:
         f.write(flax.serialization.msgpack_serialize(params))
@@ -537,7 +585,7 @@ def runs(s: Settings, dataset: str) -> list[common.Run]:
   for seed in common.seeds_of(s.seeds):
     for model in s.models:
       for arm in s.arms:
-        execute = dense_run if arm.startswith("dense") else splitlbi_run
+        execute = splitlbi_run if arm.startswith("splitlbi") else dense_run
         config = Config(name=f"transformers/{model}/{arm}", dataset=dataset, model=model,
                         seed=seed, optimizer=arm, progress=False)
         out.append(common.Run(f"{model}/{arm}/seed{seed}", config,
@@ -580,22 +628,25 @@ def _speedups(s: Settings, results: dict, model: str, arm: str, step: int) -> li
 def _stop_table(s: Settings, results: dict, model: str) -> str:
   """Every arm at every stop: structure, size, speed and the metric (mean ± sd)."""
   rows = []
-  for arm in ARMS:
+  for arm in s.arms:
     per_seed = _seeds(s, results, model, arm)
     for step in s.stops:
       if not _at(per_seed, step, "dense"):
         continue
-      sparse = arm.startswith("splitlbi")
+      sparse, sized = arm.startswith("splitlbi"), arm.startswith("splitlbi") or arm == NARROW
       heads, neurons = _at(per_seed, step, "heads"), _at(per_seed, step, "neurons")
       ratio = lambda a, b: [x / y for x, y in zip(_at(per_seed, step, a),  # noqa: E731
                                                   _at(per_seed, step, b))]
+      share = ratio("params_slim", "params_dense") if sparse else _at(per_seed, step,
+                                                                       "params_share")
       lat = _speedups(s, results, model, arm, step)
       rows.append([arm, step,
-                   common.fmt([sum(h) for h in heads], 1, 1) if sparse else "all",
-                   common.fmt([sum(n) for n in neurons], 1, 0) if sparse else "all",
-                   common.fmt(ratio("params_slim", "params_dense"), 100, 1) if sparse else "100",
-                   common.fmt(ratio("flops_dense", "flops_slim"), 1, 2) if sparse else "1",
-                   common.fmt(lat, 1, 2) if sparse else "1",
+                   common.fmt([sum(h) for h in heads], 1, 1) if sized else "all",
+                   common.fmt([sum(n) for n in neurons], 1, 0) if sized else "all",
+                   common.fmt(share, 100, 1) if sized else "100",
+                   common.fmt(ratio("flops_dense", "flops_slim"), 1, 2) if sparse else
+                   "–" if sized else "1",
+                   common.fmt(lat, 1, 2) if sparse else "–" if sized else "1",
                    _metric(model, _at(per_seed, step, "dense")),
                    _metric(model, _at(per_seed, step, "sparse")) if sparse else "–",
                    _metric(model, _at(per_seed, step, "finetuned")) if sparse else "–"])
@@ -609,19 +660,23 @@ def _controls_table(s: Settings, results: dict, model: str) -> str:
   """SplitLBI (Adam direction) against the controls at its structure."""
   per_seed = _seeds(s, results, model, "splitlbi-adam")
   dense = _seeds(s, results, model, "dense-adamw")
+  narrow = _seeds(s, results, model, NARROW) if NARROW in s.arms else None
   rows = []
   for step in s.stops:
     ctl = _at(per_seed, step, "controls")
     if not ctl:
       continue
-    row = [step, _metric(model, _at(dense, step, "dense")),
-           _metric(model, _at(per_seed, step, "sparse")),
-           _metric(model, _at(per_seed, step, "finetuned"))]
+    row = [step, _metric(model, _at(dense, step, "dense"))]
+    row += [_metric(model, _at(narrow, step, "dense"))] if narrow is not None else []
+    row += [_metric(model, _at(per_seed, step, "sparse")),
+            _metric(model, _at(per_seed, step, "finetuned"))]
     for name in CONTROLS:
       row += [_metric(model, [c[name]["pruned"] for c in ctl]),
               _metric(model, [c[name]["finetuned"] for c in ctl])]
     rows.append(row)
-  header = ["step", "dense AdamW W", "SplitLBI W on supp Γ", "SplitLBI fine-tuned"]
+  header = ["step", "dense AdamW W"] + (["narrow AdamW (½ heads, ½ neurons)"] if narrow
+                                         is not None else [])
+  header += ["SplitLBI W on supp Γ", "SplitLBI fine-tuned"]
   for name in CONTROLS:
     header += [f"{name}", f"{name} + fine-tune"]
   return common.markdown_table(header, rows)
