@@ -425,7 +425,7 @@ def splitlbi(
         penalty=treedef.unflatten(layouts),
         direction=None if direction is None else direction.init(params),
         dual_direction=None if dual_direction is None else dual_direction.init(
-            _penalized(params, resolved)))
+            _penalized(treedef, jax.tree.leaves(params), resolved)))
 
   def update_fn(updates, state: SplitLBIState, params=None, **extra_args):
     del extra_args
@@ -467,11 +467,10 @@ def _coupling_gradients(leaves: list, h: Hyperparams) -> list:
           for x in leaves]
 
 
-def _penalized(tree: Any, resolved: list) -> Any:
-  """``tree`` with ``MaskedNode`` on the unpenalized leaves (the dual's structure)."""
-  treedef = jax.tree.structure(tree)
-  return treedef.unflatten([_MASKED if r is None else x
-                            for x, r in zip(treedef.flatten_up_to(tree), resolved)])
+def _penalized(treedef, xs: list, flags: list) -> Any:
+  """The leaves ``xs`` as a tree, ``MaskedNode`` where ``flags`` is ``None`` (the
+  unpenalized leaves): the dual direction's structure."""
+  return treedef.unflatten([_MASKED if f is None else x for x, f in zip(xs, flags)])
 
 
 def _directions(direction: optax.GradientTransformation, leaves: list, direction_state,
@@ -490,10 +489,9 @@ def _dual_directions(dual_direction: optax.GradientTransformation, leaves: list,
                      params, couplings: list) -> tuple[list, Any]:
   """Every penalized leaf's dual step D((W − Γ)/ν) into ``_Leaf.dual``."""
   treedef = jax.tree.structure(params)
-  masked = lambda xs: treedef.unflatten([_MASKED if c is None else x  # noqa: E731
-                                         for x, c in zip(xs, couplings)])
-  d, dual_state = dual_direction.update(masked(couplings), dual_state,
-                                        masked([x.param for x in leaves]))
+  d, dual_state = dual_direction.update(
+      _penalized(treedef, couplings, couplings), dual_state,
+      _penalized(treedef, [x.param for x in leaves], couplings))
   return [x if c is None else x._replace(dual=dx)
           for x, c, dx in zip(leaves, couplings, treedef.flatten_up_to(d))], dual_state
 

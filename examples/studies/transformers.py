@@ -444,10 +444,9 @@ def narrowed(task: Task) -> dict:
 def dense_run(s: Settings, model: str, arm: str, config: Config, run_dir: str) -> dict:
   """A dense baseline: the metric at every stop (AdamW: W saved there for the controls;
   ``narrow-adamw``: the model of :func:`narrowed`)."""
-  task, rows = _task(s, model, config.dataset), []
-  if arm == NARROW:  # a task of its own: the cached one keeps its model
-    task = Task(s, model, config.dataset)
-  structure = narrowed(task) if arm == NARROW else {}
+  # narrow-adamw: a task of its own (narrowed changes its model; _task's are shared)
+  task = Task(s, model, config.dataset) if arm == NARROW else _task(s, model, config.dataset)
+  rows, structure = [], narrowed(task) if arm == NARROW else {}
 
   def on_stop(step, params, opt_state):
     del opt_state
