@@ -199,7 +199,8 @@ def penalized_leaf_step(g, w, b, v, gam, dual, prox_v: prox_lib.LeafProx,
     direction = direction + coupling_grad  # official code: outside it
   # coupling == "direction": g is already direction(∇L + (W − Γ)/ν) (+ β·W)
   w_step = -h.kappa * h.alpha * direction  # W' = W − κα·b' − (κα/ν)·(W − Γ)
-  v_next = dual_step(v, coupling_grad if dual is None else dual, h)  # V' = V − (α/ν)·(Γ − W)
+  # V' = V − (α/ν)·(Γ − W), or V + α·D((W − Γ)/ν) with a dual direction
+  v_next = dual_step(v, coupling_grad if dual is None else dual, h)
   gam_next = h.kappa * prox_v(v_next)  # Γ' = κ·Prox_{λΩ}(V')
   return w_step, b_next, v_next, gam_next
 
