@@ -38,6 +38,7 @@ attention with the heads as tensor axes; the NNX GPT is in
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -45,8 +46,18 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+
+def sized(init: Callable) -> Callable:
+  """``init``, or zeros for a zero-size shape: a layer slimmed to no channels
+  (fan-in or fan-out 0, where variance scaling would divide by zero)."""
+  def wrapped(key, shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype) if math.prod(shape) == 0 else init(key, shape, dtype)
+  return wrapped
+
+
 # He et al. (2015) initialisation, as the paper (Sec. 4) and torchvision.
-he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+he_normal = sized(nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+lecun_normal = sized(nn.linear.default_kernel_init)  # Flax's default, zero-size safe
 
 
 def _flatten(x):
@@ -57,8 +68,8 @@ def _dense_head(x, hidden: Sequence[int], num_classes: int):
   """Flattens ``x``, then ReLU dense layers of widths ``hidden``, then the logits."""
   x = _flatten(x)
   for h in hidden:
-    x = nn.relu(nn.Dense(h)(x))
-  return nn.Dense(num_classes)(x)
+    x = nn.relu(nn.Dense(h, kernel_init=lecun_normal)(x))
+  return nn.Dense(num_classes, kernel_init=lecun_normal)(x)
 
 
 def _out(shapes: Any, name: str) -> int:
@@ -240,7 +251,8 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    x = nn.Conv(self.stem_width or self.width, (3, 3), use_bias=False, kernel_init=he_normal)(x)
+    stem = self.width if self.stem_width is None else self.stem_width
+    x = nn.Conv(stem, (3, 3), use_bias=False, kernel_init=he_normal)(x)
     x = nn.relu(_bn(train)(x))
     k = 0
     for stage in range(3):
@@ -249,7 +261,7 @@ class CifarResNet(nn.Module):
         x = BasicBlock(self.width * 2**stage, strides, **_block_kwargs(self, k))(x, train)
         k += 1
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, kernel_init=lecun_normal)(x)
 
   def resized(self, shapes: Any) -> "CifarResNet":
     return _resnet_resized(self, shapes, "Conv_0")
@@ -277,10 +289,11 @@ class VGG(nn.Module):
         if x.shape[1] > 1:
           x = nn.max_pool(x, (2, 2), (2, 2))
         continue
-      x = nn.Conv(max(1, int(v * self.width)), (3, 3), use_bias=False, kernel_init=he_normal)(x)
+      filters = v if self.width == 1.0 else max(1, int(v * self.width))  # slim: may be 0
+      x = nn.Conv(filters, (3, 3), use_bias=False, kernel_init=he_normal)(x)
       x = nn.relu(_bn(train)(x))
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, kernel_init=lecun_normal)(x)
 
   def resized(self, shapes: Any) -> "VGG":
     convs = iter(_widths(shapes, "Conv", sum(1 for v in self.cfg if v != "M")))
@@ -312,7 +325,7 @@ class ImageNetResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    stem = self.stem_width or self.width
+    stem = self.width if self.stem_width is None else self.stem_width
     if self.small_inputs:
       x = nn.Conv(stem, (3, 3), use_bias=False, kernel_init=he_normal, name="conv_init")(x)
       x = nn.relu(_bn(train, name="bn_init")(x))
@@ -328,7 +341,7 @@ class ImageNetResNet(nn.Module):
         x = self.block(self.width * 2**i, strides, **_block_kwargs(self, k))(x, train)
         k += 1
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, kernel_init=lecun_normal)(x)
 
   def resized(self, shapes: Any) -> "ImageNetResNet":
     return _resnet_resized(self, shapes, "conv_init")
@@ -357,7 +370,7 @@ def attend(q, k, v, causal: bool = False):
   """
   b, t, h, d = q.shape
   kv = k.shape[2]
-  q = q.reshape(b, t, kv, h // kv, d)
+  q = q.reshape(b, t, kv, h // kv if kv else 0, d)  # kv = 0: a block slimmed to no heads
   s = jnp.einsum("btkgd,bskd->bkgts", q, k) * (d ** -0.5)
   if causal:
     s = jnp.where(jnp.tril(jnp.ones((t, k.shape[1]), bool)), s, jnp.finfo(s.dtype).min)
@@ -385,17 +398,18 @@ class GQAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kv = self.num_kv_heads or self.num_heads
+    kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads  # may be 0
     dense = functools.partial(nn.DenseGeneral, kernel_init=_kernel_init(self.init_std))
     q = dense((self.num_heads, self.head_dim), name="query")(x)
     k = dense((kv, self.head_dim), name="key")(x)
-    v = dense((kv, self.v_head_dim or self.head_dim), name="value")(x)
+    v = dense((kv, self.head_dim if self.v_head_dim is None else self.v_head_dim), name="value")(x)
     return dense(x.shape[-1], axis=(-2, -1), name="out")(attend(q, k, v, self.causal))
 
 
 def _kernel_init(std: Optional[float]) -> Callable:
-  """N(0, std²) (GPT-2 uses 0.02), or Flax's default LeCun normal for ``None``."""
-  return nn.linear.default_kernel_init if std is None else nn.initializers.normal(std)
+  """N(0, std²) (GPT-2 uses 0.02), or Flax's default LeCun normal for ``None``
+  (zeros for a zero-size kernel: a block slimmed to no heads / neurons)."""
+  return lecun_normal if std is None else sized(nn.initializers.normal(std))
 
 
 class TransformerBlock(nn.Module):

@@ -120,7 +120,7 @@ def slim_and_evaluate(model, state: TrainState, masks: Any, sample: np.ndarray,
   Returns:
     ``{"rows": {name: (parameters, FLOPs per example, accuracy)}, "report",
     "module", "variables"}``, or ``{"error": message}`` when the masks cannot be
-    slimmed (e.g. supp Γ is still empty in some layer).
+    slimmed (e.g. masks that do not match the params).
   """
   params, stats, masks = distributed.fetch((state.params, state.batch_stats, masks))
   variables = {"params": params, **({"batch_stats": stats} if jax.tree.leaves(stats) else {})}

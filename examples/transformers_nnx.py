@@ -14,6 +14,7 @@ heads / widths per block) runs as it is.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Optional
 
@@ -21,7 +22,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from examples.models import attend
+from examples.models import attend, sized
+
+# Flax's default LeCun normal; zeros for a zero-size kernel (a block slimmed to no
+# heads / neurons, where variance scaling would divide by zero).
+_KERNEL_INIT = sized(nnx.initializers.lecun_normal())
 
 
 class Attention(nnx.Module):
@@ -33,7 +38,7 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, num_kv_heads: int, *,
                causal: bool = True, rngs: nnx.Rngs):
-    lin = lambda i, o, **kw: nnx.LinearGeneral(i, o, rngs=rngs, **kw)  # noqa: E731
+    lin = functools.partial(nnx.LinearGeneral, kernel_init=_KERNEL_INIT, rngs=rngs)
     self.query = lin(d_model, (num_heads, head_dim))
     self.key = lin(d_model, (num_kv_heads, head_dim))
     self.value = lin(d_model, (num_kv_heads, head_dim))
@@ -52,8 +57,8 @@ class Block(nnx.Module):
     self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
     self.attn = Attention(d_model, num_heads, head_dim, num_kv_heads, rngs=rngs)
     self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
-    self.mlp_in = nnx.Linear(d_model, mlp_dim, rngs=rngs)
-    self.mlp_out = nnx.Linear(mlp_dim, d_model, rngs=rngs)
+    self.mlp_in = nnx.Linear(d_model, mlp_dim, kernel_init=_KERNEL_INIT, rngs=rngs)
+    self.mlp_out = nnx.Linear(mlp_dim, d_model, kernel_init=_KERNEL_INIT, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.attn(self.ln1(x))

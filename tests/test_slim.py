@@ -1,6 +1,6 @@
 """Slimming on small hand-written networks: folds computed by hand, coupling through
-concatenations and grouped / depthwise convs, the consumer route, batch sizes and
-the error cases."""
+concatenations and grouped / depthwise convs, the consumer route, batch sizes,
+zero-width layers and the error cases."""
 
 import flax.linen as nn
 import jax
@@ -257,12 +257,24 @@ def test_flops_come_from_xla_cost_analysis():
 # ----------------------------------------------------------------------------- errors
 
 
-def test_a_mask_that_prunes_every_filter_is_an_error_naming_the_layer():
+def test_a_mask_that_prunes_every_filter_leaves_a_zero_width_layer_but_not_at_the_output():
   rng = np.random.default_rng(8)
   v, masks, x = _setup_two_convs(rng)
   masks["c1"]["kernel"] = np.zeros((1, 1, 1, 4), bool)  # keepdims layout
-  with pytest.raises(ValueError, match=r"'c1/kernel' prunes every output channel"):
-    sl.slim(two_convs("VALID"), v, masks, x)
+  apply = two_convs("VALID")
+  res = sl.slim(apply, v, masks, x)
+  assert res.variables["c1"]["kernel"].shape == (3, 3, 2, 0)
+  assert res.variables["c2"]["kernel"].shape == (3, 3, 0, 3)
+  # By hand: c1 is the constant ReLU(b1); c2 adds Σ_c ReLU(b1_c)·Σ_taps W2[:, :, c, :].
+  want_bias = v["c2"]["bias"] + np.einsum("c,hwco->o", np.maximum(v["c1"]["bias"], 0),
+                                          v["c2"]["kernel"])
+  np.testing.assert_allclose(res.variables["c2"]["bias"], want_bias, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(res.apply_fn(res.variables, x), apply(_masked(v, masks), x),
+                             rtol=1e-5, atol=1e-5)
+  # The model output has no zero width: all of c2's filters pruned, none removed.
+  masks["c2"]["kernel"] = np.zeros((1, 1, 1, 3), bool)
+  rep = sl.slim(apply, v, masks, x, count_flops=False).report["layers"]["c2/kernel"]
+  assert (rep["pruned"], rep["removed"]) == (3, 0) and "the model output" in rep["kept_because"]
 
 
 def test_masks_that_do_not_match_the_params_are_errors_naming_the_leaf():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import optax_splitlbi as sl
-from examples import configs, input_pipeline, models, train
+from examples import configs, input_pipeline, models, reports, train
 
 
 def _test_set():
@@ -14,10 +14,18 @@ def _test_set():
   return next(test.eval_batches(360))
 
 
-def test_slimming_that_cannot_run_is_reported_not_fatal(capsys):
+def test_an_empty_supp_slims_to_zero_width_and_a_failed_slimming_is_not_fatal(capsys):
   r = train.main(["--set", "epochs=1", "max_steps_per_epoch=3", "progress=False",
                   "num_devices=1"])
-  assert "Slimming skipped" in capsys.readouterr().out and "prunes every" in r["slim"]["error"]
+  # After 3 steps supp Γ is empty in every layer: the slim network is its logits' bias.
+  out = capsys.readouterr().out
+  assert "widths: Conv_0 16→0, Conv_1 32→0, Dense_0 64→0, Dense_1 10→10" in out
+  rows = r["slim"]["rows"]
+  assert rows["slim"][0] == 10 and rows["slim"][2] == rows["masked"][2]
+  # Masks slim cannot use are reported, not fatal.
+  bad = reports.slim_and_evaluate(models.get_model("digits_cnn"), r["state"], {"nope": None},
+                                  _test_set()["image"][:8], lambda m, v: (0.0, 0.0), r)
+  assert "Slimming skipped" in capsys.readouterr().out and "is not a variable" in bad["error"]
 
 
 def test_main_job_ends_with_the_slim_network(capsys):

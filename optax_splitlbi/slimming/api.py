@@ -109,9 +109,10 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
     A :class:`SlimModel`.
 
   Raises:
-    ValueError: masks that do not match the variables (naming the leaf), a mask
-      that prunes every channel of a layer, or a channel to remove that an
-      operation the analysis does not know uses (naming the primitive and layer).
+    ValueError: masks that do not match the variables (naming the leaf), or a
+      channel to remove that an operation the analysis does not know uses (naming
+      the primitive and layer). A mask may prune every channel of a layer: the
+      slim layer has width zero (see :func:`optax_splitlbi.slimming.plan.decide`).
   """
   _check_options(inexact, round_to)
   leaves, treedef = jax.tree.flatten(variables)
@@ -120,7 +121,6 @@ def slim(apply_fn: Callable[[Any, Any], Any], variables: Any, masks: Any, sample
   masked = masks_lib.masked_leaves(leaves, masks_)
   prog = trace(apply_fn, treedef.unflatten(masked), sample_input)  # program
   cls = plan_lib.group_classes(build_graph(prog))  # graph → classes
-  masks_lib.check_masks(cls, masks_, names)
   batch = replay.batch_axis(prog, cls)
   probe = replay.sub_batch(sample_input, batch.resizable)  # the folds' and checks' input
   decide = functools.partial(plan_lib.decide, cls, masks_, names, round_to=round_to)

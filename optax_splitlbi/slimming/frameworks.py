@@ -53,7 +53,7 @@ def slim_linen(model, variables: Any, masks: Any, sample_input: Any, *, inexact:
   res = slim(lambda v, x: model.apply(v, x, **apply_kwargs), variables, masks, sample_input,
              inexact=inexact, count_flops=count_flops, verify=verify, round_to=round_to)
   new = model.resized(jax.tree.map(np.shape, res.variables["params"]))
-  init = jax.eval_shape(lambda: new.init(jax.random.key(0), sample_input, **apply_kwargs))
+  init = _init_shapes(model, new, res.variables["params"], sample_input, apply_kwargs)
   want = {k: jax.tree.map(np.shape, v) for k, v in res.variables.items()}
   got = {k: jax.tree.map(lambda a: a.shape, init[k]) for k in want if k in init}
   if got != want:
@@ -69,6 +69,21 @@ def slim_linen(model, variables: Any, masks: Any, sample_input: Any, *, inexact:
       jax.jit(lambda v, x: new.apply(v, x, **apply_kwargs))(res.variables, probe),
       f"slim_linen: {type(model).__name__}.resized(...)")
   return dataclasses.replace(res, module=new)
+
+
+def _init_shapes(model, new, slim_params: Any, sample_input: Any, apply_kwargs: dict) -> Any:
+  """The variable shapes of ``new.init``; a ValueError naming the zero-width variables
+  where an initializer divides by zero (Flax's variance scaling at fan-in / out 0)."""
+  try:
+    return jax.eval_shape(lambda: new.init(jax.random.key(0), sample_input, **apply_kwargs))
+  except ZeroDivisionError as e:
+    empty = [n for n, a in zip(leaf_paths(slim_params), jax.tree.leaves(slim_params))
+             if not np.size(a)]
+    raise ValueError(
+        f"slim_linen: {type(model).__name__}.resized(...).init fails ({e}) at the zero-width "
+        f"variables {empty[:6]}: variance-scaling initializers divide by a zero fan-in / "
+        "fan-out. Give those layers a kernel_init that returns zeros for zero-size shapes "
+        "(examples.models.sized), or use slim(), whose apply_fn runs any model.") from e
 
 
 def _nnx_features(module) -> None:

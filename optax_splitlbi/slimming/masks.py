@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from optax_splitlbi.slimming import plan as plan_lib
 
 
 def leaf_paths(tree: Any) -> list[str]:
@@ -76,13 +75,3 @@ def masked_leaves(leaves: Sequence[Any], masks: Mapping[int, np.ndarray]) -> lis
   return [np.where(masks[i], np.asarray(x), np.zeros((), np.asarray(x).dtype))
           if i in masks else np.asarray(x) for i, x in enumerate(leaves)]
 
-
-def check_masks(cls: plan_lib.Classes, masks: Mapping[int, np.ndarray],
-                names: Sequence[str]) -> None:
-  """A mask that prunes every output channel of a layer is an error."""
-  for r, sites in cls.producers.items():
-    for s in sites:
-      if s.leaf in masks and plan_lib.site_pruned(s, masks, cls.size[r]).all():
-        raise ValueError(
-            f"slim: the mask of {names[s.leaf]!r} prunes every output channel along axis "
-            f"{s.axis} (layer {s.where!r}); a layer needs at least one channel.")

@@ -250,9 +250,15 @@ def decide(cls: Classes, masks: Mapping[int, np.ndarray], names: Sequence[str],
   """Which channels ``slim`` removes: the removable ones but ``forced`` and those kept
   back for ``round_to``.
 
+  A class may lose every channel: its layers become zero-width (a block's
+  attention without heads, an MLP without neurons, a conv without filters) and
+  their constant outputs are folded like any other removed channel. The dims
+  where zero width is undefined (the model's inputs and outputs, dims reduced
+  over such as a LayerNorm's) are locked and keep theirs.
+
   Raises:
     ValueError: a channel to remove is used by an operation the analysis does not
-      know, or the masks remove every channel of a class (naming the layers).
+      know (naming the layers).
   """
   removed = removable(cls, masks, forced)
   _check_removal(cls, removed, names)
@@ -271,9 +277,6 @@ def _check_removal(cls: Classes, removed: dict, names: Sequence[str]) -> None:
       raise ValueError(
           f"slim: cannot remove channels of {_layers_of(cls, r, names)}: "
           f"{unknown[0]} uses them and the dependency analysis does not understand it.")
-    if rm.all():
-      raise ValueError(f"slim: the masks remove every channel shared by "
-                       f"{_layers_of(cls, r, names)}; keep at least one.")
 
 
 def _layers_of(cls: Classes, r: int, names: Sequence[str]) -> str:

@@ -213,9 +213,11 @@ def resized_params(op: Op, in_shapes: list, out_shapes: list, old_in: list) -> d
         p["start_indices"], p["limit_indices"], strides, old_in[0], in_shapes[0]))
     return dict(p, limit_indices=limits)
   if name == "conv_general_dilated" and p["feature_group_count"] > 1:
-    lhs_feature = p["dimension_numbers"].lhs_spec[1]
-    rhs_in = p["dimension_numbers"].rhs_spec[1]
-    return dict(p, feature_group_count=in_shapes[0][lhs_feature] // in_shapes[1][rhs_in])
+    spec = p["dimension_numbers"]
+    features = in_shapes[0][spec.lhs_spec[1]]
+    if not features:  # every input channel removed: G zero-width groups still fit
+      return p
+    return dict(p, feature_group_count=features // in_shapes[1][spec.rhs_spec[1]])
   return p
 
 

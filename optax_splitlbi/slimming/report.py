@@ -119,11 +119,13 @@ def params_of(variables: Any) -> Any:
 
 
 def cost(fn: Callable, *args) -> tuple[float, float]:
-  """(FLOPs, bytes accessed) of ``jax.jit(fn)(*args)`` from XLA's cost analysis."""
+  """(FLOPs, bytes accessed) of ``jax.jit(fn)(*args)`` from XLA's cost analysis (NaN
+  where there is none; XLA leaves out a count of 0, e.g. the FLOPs of a network slimmed
+  to constants)."""
   analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
-  return (float(analysis.get("flops", float("nan"))),
+  return (float(analysis.get("flops", 0.0 if analysis else float("nan"))),
           float(analysis.get("bytes accessed", float("nan"))))
 
 
