@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -158,18 +159,20 @@ def describe_nnx_gpt(model: transformers_nnx.GPT) -> dict[str, Any]:
 
   Raises:
     ValueError: when the heads' widths differ between projections or blocks
-      (the constructor has one ``head_dim``).
+      (the constructor has one ``head_dim``; a block without heads has none).
   """
   vocab, d_model = model.embed.embedding.shape
   attn = [b.attn for b in model.blocks]
-  head_dims = ({a.query.kernel.shape[2] for a in attn} | {a.key.kernel.shape[2] for a in attn}
-               | {a.value.kernel.shape[2] for a in attn} | {a.out.kernel.shape[1] for a in attn})
-  if len(head_dims) != 1:
+  kernels = [k for a in attn for k in (a.query.kernel, a.key.kernel, a.value.kernel)]
+  # a block slimmed to no heads has no head width (its kernels are empty)
+  head_dims = ({k.shape[2] for k in kernels if k.size}
+               | {a.out.kernel.shape[1] for a in attn if a.out.kernel.size})
+  if len(head_dims) > 1:
     raise ValueError(f"Cannot describe GPT: head widths {sorted(head_dims)} differ, and its "
                      "constructor takes one head_dim.")
   return {"vocab": int(vocab), "context": int(model.pos.shape[0]), "d_model": int(d_model),
           "depth": len(attn), "num_heads": [int(a.query.kernel.shape[1]) for a in attn],
-          "head_dim": int(head_dims.pop()),
+          "head_dim": int(head_dims.pop()) if head_dims else 1,
           "mlp_dim": [int(b.mlp_in.kernel.shape[1]) for b in model.blocks],
           "num_kv_heads": [int(a.key.kernel.shape[1]) for a in attn],
           "tied": model.head is None}
@@ -209,9 +212,22 @@ def _specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
           for path, leaf in leaves}
 
 
+def _stored(tree: Any) -> Any:
+  """``tree`` with its zero-size leaves as ``None``: orbax refuses zero-size arrays, and
+  a layer slimmed to width 0 has nothing to store (:func:`load` rebuilds it)."""
+  return jax.tree.map(lambda x: None if not math.prod(x.shape) else x, tree)
+
+
+def _rebuilt(restored: Any, target: Any) -> Any:
+  """``restored`` with its ``None`` leaves (zero-size in ``target``) as zeros."""
+  return jax.tree.map(lambda r, t: jnp.zeros(t.shape, t.dtype) if r is None else r,
+                      restored, target, is_leaf=lambda x: x is None)
+
+
 def _check_same(want: Any, got: Any, what: str) -> None:
-  """``ValueError`` listing the leaves whose shape / dtype (or presence) differ."""
-  a, b = _specs(want), _specs(got)
+  """``ValueError`` listing the leaves whose shape / dtype (or presence) differ; zero-size
+  leaves are not compared (:func:`_stored`)."""
+  a, b = _specs(_stored(want)), _specs(_stored(got))
   bad = [f"{k}: expected {a.get(k, 'nothing')}, found {b.get(k, 'nothing')}"
          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
   if bad:
@@ -318,7 +334,7 @@ def save(directory: PathLike, module_or_model: Union[nn.Module, nnx.Module],
                      "nor an NNX module.")
   root = _prepare(directory, overwrite)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(root / VARIABLES, arrays)
+    ckptr.save(root / VARIABLES, _stored(arrays))
     ckptr.wait_until_finished()
   tmp = root / (ARCHITECTURE + ".tmp")   # written last: its presence means a complete export
   tmp.write_text(json.dumps(arch, indent=2) + "\n", encoding="utf-8")
@@ -352,7 +368,7 @@ def _restore(root: pathlib.Path, target: Any, what: str) -> Any:
   with ocp.StandardCheckpointer() as ckptr:
     stored = ckptr.metadata(root / VARIABLES).item_metadata.tree
     _check_same(target, stored, f"load: {what} does not match the stored arrays")
-    return ckptr.restore(root / VARIABLES, target)
+    return _rebuilt(ckptr.restore(root / VARIABLES, _stored(target)), target)
 
 
 def load(directory: PathLike) -> Union[tuple[nn.Module, Any], nnx.Module]:

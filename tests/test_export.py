@@ -3,6 +3,7 @@ its architecture, loaded again (in a fresh Python process for the GPTs) and run.
 slim head counts, MLP widths and parameter counts are checked against numbers worked
 out by hand from the masks; the logits against the in-process slim model's."""
 
+import functools
 import json
 import os
 import pathlib
@@ -191,6 +192,52 @@ def test_slim_nnx_gpt_loads_in_a_fresh_process_and_computes_the_same_logits(tmp_
                     "params": DENSE_GPT_UNTIED - TWO_HEADS - TWO_NEURONS}
   np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), slim(jnp.asarray(TOKENS)),
                              rtol=0, atol=1e-6)
+
+
+# Block 0 with no head left (every out-projection row: its query heads, then the key /
+# value heads no query reads): query 8·4·2 + 8, key and value 2·(8·2·2 + 4), out rows
+# 4·2·8 = 72 + 72 + 64 = 208 go (the out bias stays); block 1 with no MLP neuron (every
+# mlp_in column): mlp_in 8·5 + 5 and mlp_out rows 5·8 = 85 go.
+NO_HEAD_BLOCK, NO_MLP_BLOCK = 208, 85
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_a_gpt_with_zero_width_layers_loads_in_a_fresh_process(tmp_path, framework):
+  """Orbax stores no zero-size array: the export leaves them out and load rebuilds
+  them from the architecture (issue 18, whole blocks)."""
+  tokens = jnp.asarray(TOKENS)
+  if framework == "linen":
+    model = models.GPT(**GPT_KW)
+    params = _random_linen(model, TOKENS, 4)["params"]
+    masks = _linen_masks(params, {("block_0", "attn/out"): (0, range(HEADS)),
+                                  ("block_1", "mlp_in"): (1, range(MLP))})
+    res = sl.slim_linen(model, {"params": params}, masks, TOKENS, count_flops=False)
+    export.save(tmp_path / "model", res.module, res.variables, sample_input=TOKENS)
+    slim, dense = functools.partial(res.module.apply, res.variables), DENSE_GPT
+    want = model.apply({"params": _masked(params, masks)}, tokens)
+  else:
+    model = tnnx.GPT(**GPT_KW, tied=False, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(5)
+    nnx.update(model, jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.5, a.shape), a.dtype),
+                                   nnx.state(model, nnx.Param)))
+    masks = jax.tree.map(lambda _: None, nnx.state(model, nnx.Param))
+    masks["blocks"][0]["attn"]["out"]["kernel"] = _mask((HEADS, HD, D), 0, range(HEADS))
+    masks["blocks"][1]["mlp_in"]["kernel"] = _mask((D, MLP), 1, range(MLP))
+    nnx.update(model, sl.apply_masks(nnx.state(model, nnx.Param), masks))
+    want = model(tokens)   # the masked dense GPT
+    slim, dense = sl.slim_nnx(model, masks, tokens, count_flops=False).module, DENSE_GPT_UNTIED
+    export.save(tmp_path / "model", slim)
+  np.save(tmp_path / "tokens.npy", TOKENS)
+  _run_fresh(LOAD_LINEN if framework == "linen" else LOAD_NNX, tmp_path)
+
+  loaded = json.loads((tmp_path / "loaded.json").read_text())
+  assert loaded["params"] == dense - NO_HEAD_BLOCK - NO_MLP_BLOCK
+  assert [loaded[k] for k in (("block_heads", "block_kv_heads", "block_mlp")
+                              if framework == "linen" else ("heads", "kv_heads", "mlp"))] == [
+      [0, HEADS], [0, KV], [MLP, 0]]
+  logits = np.load(tmp_path / "logits.npy")
+  np.testing.assert_allclose(logits, slim(tokens), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 # ------------------------------------------------------------------------ bad input

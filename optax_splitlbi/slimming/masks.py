@@ -16,7 +16,6 @@ import jax
 import numpy as np
 
 
-
 def leaf_paths(tree: Any) -> list[str]:
   """Path strings (``a/b/c``) of the leaves of ``tree``."""
   return [jax.tree_util.keystr(p, simple=True, separator="/")
@@ -74,4 +73,3 @@ def masked_leaves(leaves: Sequence[Any], masks: Mapping[int, np.ndarray]) -> lis
   """The variable leaves (numpy) with their masked entries set to zero."""
   return [np.where(masks[i], np.asarray(x), np.zeros((), np.asarray(x).dtype))
           if i in masks else np.asarray(x) for i, x in enumerate(leaves)]
-
