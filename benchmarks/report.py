@@ -317,7 +317,7 @@ def _slim_intro(res: dict, nets: Sequence[str]) -> list[str]:
           f"{n}: {raw[n]['filter_density']:.1%} of the filters, {raw[n]['empty_layers']} of "
           f"{raw[n]['layers']} layers without any" for n in nets)
       + "); a layer without any keeps the one filter with the largest ‖V_g‖ (the next to "
-      "enter), since a layer needs at least one channel;",
+      "enter), so that no plain conv stack is cut in two;",
       "- *50 % / 25 %*: `prune_to_sparsity(scope=\"layer\")` of the same run (entry order, "
       "then ‖V_g‖).\n",
       f"FLOPs: XLA cost analysis of the jitted forward pass at batch {res['batch']}. Latency: "

@@ -15,7 +15,7 @@ Phases of a run:
 
 1. *Search*, early-stopped at ``stops``: at each stop the dense W and W on
    supp Γ (no fine-tuning) are tested; the mask (supp Γ, a layer with no group
-   in it keeps its next group to enter, since a layer needs a channel) is
+   in it keeps its next group to enter, so that no conv stack is cut in two) is
    fine-tuned ``finetune_steps`` SGD steps (momentum 0.9, wd 1e-4, the mask
    fixed) and tested, and slimmed (:func:`optax_splitlbi.slim_linen`: FLOPs,
    parameters, pruned filters kept back by residual coupling).
@@ -130,8 +130,8 @@ def filter_density(masks: Any) -> float:
 
 def complete(params: Any, opt_state: Any, masks: Any) -> tuple[Any, int]:
   """``masks`` where every unit (layer or cross-leaf class) that keeps no group keeps its
-  most important one (``prune_to_sparsity`` order), since slimming needs a channel per
-  layer, and dense kernels (the classifier) are kept whole; and the number of units
+  most important one (``prune_to_sparsity`` order), so that no conv stack is cut in two
+  (a layer without channels leaves a constant output), and dense kernels (the classifier) are kept whole; and the number of units
   completed."""
   leaves, treedef = jax.tree_util.tree_flatten(jax.device_get(masks),
                                                is_leaf=lambda x: x is None)
@@ -585,7 +585,7 @@ def report(s: Settings, results: dict, out: str) -> str:
           f"slim interleaved, {s.rounds} rounds (medians). Mean ± sd over {s.seeds} seeds. "
           f"Compute: {_compute(results)}.\n\n"
           "*Layers completed*: layers (or classes) with no group in supp Γ, given their next "
-          "group to enter for slimming and fine-tuning (a layer needs a channel); *W on supp "
+          "group to enter for slimming and fine-tuning (no conv stack cut in two); *W on supp "
           "Γ* is tested without that.\n\n### Early stops\n\n" + _stop_table(s, results))
   rows = matched(s, results)
   text += ("\n### Matched FLOPs\n\nNested masks `prune_to_sparsity(scope=\"global\")` of the "

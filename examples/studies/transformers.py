@@ -33,7 +33,8 @@ LayerNorms and the classifier are not penalized. At each of ``stops``:
 
 - W (dense), W on supp Γ (no fine-tuning), and W on the mask after
   ``finetune_steps`` of AdamW with the mask fixed (a class with no group in
-  supp Γ keeps its most important one, since a block keeps one head / neuron);
+  supp Γ keeps its most important one: the rule the published tables were measured
+  with, from before slimming took blocks without heads / neurons);
 - the slim model (:func:`optax_splitlbi.slim_linen`): parameters, FLOPs and (in
   ``latency_run``) CPU latency against the dense model (interleaved medians, batch
   ``latency_batch``);
@@ -361,7 +362,7 @@ def masks_of(groups: sl.ChannelGroups, params: Any, keep: dict[str, np.ndarray])
 
 def completed(keep: dict[str, np.ndarray], scores: dict[str, np.ndarray]) -> dict:
   """``keep`` where a class keeping no group keeps its highest-scoring one (a block keeps
-  a head and a neuron, so that slimming leaves it a layer)."""
+  a head and a neuron: the published tables' rule; slimming takes blocks without)."""
   out = {}
   for name, k in keep.items():
     out[name] = k.copy()
