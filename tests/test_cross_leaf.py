@@ -320,7 +320,9 @@ def np_adam(m, s, g, k, b1=0.9, b2=0.999, eps=1e-8):
 def np_run_adam(w0, coef, target, steps, *, lr, kappa, nu, wd, through=False, dual=False):
   """SplitLBI with an Adam direction (AdaBreg-style), decoupled weight decay, in float64;
   ``through``: Adam of ∇L + (W − Γ)/ν (the coupling inside the preconditioner); ``dual``:
-  V' = V + α·Adam₂((W − Γ)/ν), a second Adam of its own."""
+  V' = V + α·Adam₂((W − Γ)/ν), a second Adam of its own. ``nu``: a number or a function
+  of the step count (0 at the first update, as optax schedules)."""
+  nu_at = nu if callable(nu) else lambda count: nu
   w = {k: x.astype(np.float64) for k, x in w0.items()}
   m, s = ({k: np.zeros_like(x) for k, x in w.items()} for _ in range(2))
   v = {k: np.zeros_like(x) for k, x in w.items() if REST.get(k, ("x",))[0] is not None}
@@ -328,7 +330,7 @@ def np_run_adam(w0, coef, target, steps, *, lr, kappa, nu, wd, through=False, du
   dm, ds = ({k: np.zeros_like(x) for k, x in v.items()} for _ in range(2))
   hist = []
   for k in range(1, steps + 1):
-    new_w = {}
+    new_w, nu = {}, nu_at(k - 1)
     for n in w:
       c = (w[n] - gam[n]) / nu if n in v else 0.0
       g = coef[n] * (w[n] - target[n]) + (c if through else 0.0)
@@ -365,6 +367,30 @@ def test_adam_direction_matches_numpy(store_gamma, coupling, dual, update_form):
         np.testing.assert_allclose(_get(gamma, n), g_ref[n], rtol=2e-4, atol=2e-5, err_msg=n)
   nz = [np.mean(r[2]["conv/kernel"] != 0) for r in ref]  # the path passes a partial support
   assert any(0 < x < 1 for x in nz), nz
+
+
+def test_a_nu_schedule_under_inject_hyperparams_matches_numpy():
+  """ν as a function of the step (``optax.inject_hyperparams``), here the coupling off
+  (ν = 10⁹) for 5 steps and then ν = 2, through Adam with the dual Adam."""
+  w0, coef, target = _problem(3)
+  nu = lambda count: 1e9 if count < 5 else 2.0  # noqa: E731
+  tx = optax.inject_hyperparams(
+      sl.splitlbi, static_args=("penalty", "direction", "dual_direction", "coupling"))(
+          0.05, kappa=2.0, nu=lambda c: jnp.where(c < 5, 1e9, 2.0), weight_decay=0.01,
+          penalty=_penalty(), direction=optax.scale_by_adam(), coupling="momentum",
+          dual_direction=optax.scale_by_adam())
+  got = _run_jax(tx, w0, coef, target, 12)
+  ref = np_run_adam(w0, coef, target, 12, lr=0.05, kappa=2.0, nu=nu, wd=0.01, through=True,
+                    dual=True)
+  for (params, state), (w_ref, _, g_ref) in zip(got, ref):
+    for n in SHAPES:
+      np.testing.assert_allclose(_get(params, n), w_ref[n], rtol=2e-4, atol=2e-5, err_msg=n)
+      if n in g_ref:
+        np.testing.assert_allclose(_get(sl.gamma(state), n), g_ref[n], rtol=2e-4, atol=2e-5,
+                                   err_msg=n)
+  const = np_run_adam(w0, coef, target, 12, lr=0.05, kappa=2.0, nu=2.0, wd=0.01, through=True,
+                      dual=True)
+  assert not np.allclose(const[-1][0]["conv/kernel"], ref[-1][0]["conv/kernel"], atol=1e-3)
 
 
 def test_direction_argument_errors():
