@@ -178,6 +178,8 @@ def test_named_settings_pick_a_variant_and_unknown_ones_are_refused():
   assert (t.coupling, t.nu, t.gpt_nu, t.adam_lam) == ("momentum", 100.0, 300.0, 3e-4)
   n = study.settings_of("transformers", False, None, variant="narrow")
   assert (n.arms, n.gpt, n.vit) == (("dense-adamw", "narrow-adamw"), t.gpt, t.vit)
+  nc = study.settings_of("transformers", False, None, variant="narrow_cosine")
+  assert (nc.arms, nc.schedule, nc.stops) == (n.arms, "cosine", n.stops)
   d = study.settings_of("transformers", False, None, variant="dual")
   assert (d.dual, d.coupling, d.nu, d.gpt_nu, d.adam_lam, d.gpt, d.vit) == (
       True, "momentum", 100.0, 300.0, 1.5, t.gpt, t.vit)

@@ -67,7 +67,9 @@ instead of keeping AdamW's size, and λ is in the gradient's units (ν = 100, th
 Settings ``narrow``: ``small_init``'s AdamW runs beside ``narrow-adamw``. Settings
 ``dual``: ``through`` with ``dual=True`` (V and Γ then move at Adam's speed instead of
 by plain gradient steps of α: :mod:`optax_splitlbi.transform`), λ = 1.5 in W's units;
-its ``dense-adamw`` and ``narrow-adamw`` runs are ``narrow``'s.
+its ``dense-adamw`` and ``narrow-adamw`` runs are ``narrow``'s. Settings
+``narrow_cosine``: ``narrow`` with a cosine decay of the rate to 0 at the last step (what
+the goal's structure reaches at the end of a schedule).
 """
 
 from __future__ import annotations
@@ -153,6 +155,10 @@ SETTINGS = {"full": Settings(),
             # the capacity of the goal's structure: small_init's AdamW, beside the same
             # model with half the heads and neurons of every block trained from scratch
             "narrow": Settings(**_SMALL_INIT, arms=("dense-adamw", NARROW)),
+            # narrow with a cosine decay to 0 at the last step: what half the heads and
+            # neurons reach at the end of a schedule
+            "narrow_cosine": Settings(**_SMALL_INIT, arms=("dense-adamw", NARROW),
+                                      schedule="cosine"),
             # through, with Adam on the dual step as well (V' = V + α·Adam((W − Γ)/ν)): V
             # moves at Adam's speed, in W's units (λ 1.5); the dense and narrow runs are
             # narrow's
