@@ -168,6 +168,9 @@ def test_missing_data_directory_is_a_clear_error(tmp_path):
     study.main(["table1", "--data", f"idx:{tmp_path}/nowhere", "--out", str(tmp_path)])
 
 
+ARMS_AND_NARROW = ("dense-adamw", "dense-sgd", "splitlbi-sgd", "splitlbi-adam", "narrow-adamw")
+
+
 def test_named_settings_pick_a_variant_and_unknown_ones_are_refused():
   from examples.studies import transformers  # pylint: disable=g-import-not-at-top
   s = study.settings_of("transformers", False, None, variant="vit_long")
@@ -184,6 +187,11 @@ def test_named_settings_pick_a_variant_and_unknown_ones_are_refused():
   assert (d.dual, d.coupling, d.nu, d.gpt_nu, d.adam_lam, d.gpt, d.vit) == (
       True, "momentum", 100.0, 300.0, 1.5, t.gpt, t.vit)
   assert d.arms == ("dense-adamw", "narrow-adamw", "splitlbi-adam")
+  f = study.settings_of("transformers", False, None, variant="dual_fast")
+  assert (f.adam_lr, f.splitlbi_lr, f.adam_lam, f.dual, f.arms) == (3e-3, 6e-3, 3.0, True, d.arms)
+  assert [transformers.peak_rate(f, a) for a in ARMS_AND_NARROW] == [3e-3, 0.05, 0.05, 6e-3,
+                                                                    3e-3]
+  assert transformers.peak_rate(d, "splitlbi-adam") == 3e-3
   with pytest.raises(SystemExit, match="--settings 'nope': study transformers has full, "):
     study.settings_of("transformers", False, None, variant="nope")
 
