@@ -142,6 +142,13 @@ class Settings:
 _SMALL_INIT = dict(gpt=Settings.gpt + (("init_std", 0.02),),
                    vit=Settings.vit + (("init_std", 0.02),),
                    stops=(750, 1000, 1250, 1500, 2000), latency_batch=256)
+# the capacity of the goal's structure: small_init's AdamW, beside the same model with
+# half the heads and neurons of every block trained from scratch
+_NARROW = Settings(**_SMALL_INIT, arms=("dense-adamw", NARROW))
+# through, with Adam on the dual step as well (V' = V + α·Adam((W − Γ)/ν)): V moves at
+# Adam's speed, in W's units (λ 1.5); the dense and narrow runs are narrow's
+_DUAL = Settings(**_SMALL_INIT, arms=("dense-adamw", NARROW, "splitlbi-adam"), nu=100.0,
+                 gpt_nu=300.0, coupling="momentum", dual=True, adam_lam=1.5)
 SETTINGS = {"full": Settings(),
             # the ViT goal (≥ 88 %): dense AdamW, 10 000 steps (10.7 epochs), cosine decay
             "vit_long": Settings(models=("vit",), arms=("dense-adamw",), steps=10000,
@@ -155,23 +162,13 @@ SETTINGS = {"full": Settings(),
             # W − Γ settles at −ν·∇L, so λ is in the gradient's units (far smaller)
             "through": Settings(**_SMALL_INIT, arms=("dense-adamw", "splitlbi-adam"), nu=100.0,
                                 gpt_nu=300.0, coupling="momentum", adam_lam=3e-4),
-            # the capacity of the goal's structure: small_init's AdamW, beside the same
-            # model with half the heads and neurons of every block trained from scratch
-            "narrow": Settings(**_SMALL_INIT, arms=("dense-adamw", NARROW)),
+            "narrow": _NARROW,
             # narrow with a cosine decay to 0 at the last step: what half the heads and
             # neurons reach at the end of a schedule
-            "narrow_cosine": Settings(**_SMALL_INIT, arms=("dense-adamw", NARROW),
-                                      schedule="cosine"),
-            # through, with Adam on the dual step as well (V' = V + α·Adam((W − Γ)/ν)): V
-            # moves at Adam's speed, in W's units (λ 1.5); the dense and narrow runs are
-            # narrow's
-            "dual": Settings(**_SMALL_INIT, arms=("dense-adamw", NARROW, "splitlbi-adam"),
-                             nu=100.0, gpt_nu=300.0, coupling="momentum", dual=True,
-                             adam_lam=1.5),
+            "narrow_cosine": dataclasses.replace(_NARROW, schedule="cosine"),
+            "dual": _DUAL,
             # dual at twice the rate, λ doubled with it (the same λ/α): a sparser path
-            "dual_fast": Settings(**_SMALL_INIT, arms=("dense-adamw", NARROW, "splitlbi-adam"),
-                                  nu=100.0, gpt_nu=300.0, coupling="momentum", dual=True,
-                                  adam_lam=3.0, splitlbi_lr=6e-3),
+            "dual_fast": dataclasses.replace(_DUAL, adam_lam=3.0, splitlbi_lr=6e-3),
             "smoke": Settings(seeds=1, gpt=(("context", 16), ("d_model", 16), ("depth", 2),
                                             ("num_heads", 2), ("head_dim", 8), ("mlp_dim", 32)),
                               vit=(("patch", 7), ("d_model", 16), ("depth", 1), ("num_heads", 2),
