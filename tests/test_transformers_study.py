@@ -116,3 +116,18 @@ def test_narrowed_halves_heads_and_neurons_of_every_block():
   assert (task.model.num_heads, task.model.mlp_dim) == (1, 3)
   with pytest.raises(ValueError, match="narrow-adamw: num_heads=1"):
     ts.narrowed(task)
+
+
+def test_heads_lam_sets_the_heads_threshold_and_leaves_the_neurons():
+  """Thresholds λ·√d by hand: a head of the tiny GPT is its q, k, v columns and biases,
+  d = 3·(8·4 + 4) = 108; a neuron its mlp_in column and bias, d = 8 + 1 = 9."""
+  import optax_splitlbi as sl  # pylint: disable=g-import-not-at-top
+  task = _Task()
+  groups = ts.penalty(task, 0.01, heads_lam=0.05)
+  assert [(c.name, c.lam) for c in groups.classes] == [
+      ("block_0/attn/key", 0.05), ("block_0/mlp_in", 0.01),
+      ("block_1/attn/key", 0.05), ("block_1/mlp_in", 0.01)]
+  threshold = np.asarray(sl.splitlbi(0.1, lam=0.01, penalty=groups).init(task.init(0)).threshold)
+  np.testing.assert_allclose(np.unique(threshold), [0.01 * 3, 0.05 * np.sqrt(108)], rtol=1e-6)
+  same = ts.penalty(task, 0.01)
+  assert [c.lam for c in same.classes] == [0.01] * 4

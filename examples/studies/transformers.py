@@ -28,13 +28,15 @@ the same data order:
 
 SplitLBI's penalty is :func:`optax_splitlbi.channel_groups`: one group per
 attention head (its query, key and value columns and biases) and one per MLP
-neuron (its ``mlp_in`` column and bias), threshold λ·√d; embeddings, positions,
+neuron (its ``mlp_in`` column and bias), threshold λ·√d (``adam_lam`` or
+``sgd_lam``; the heads' λ ``heads_lam`` where set); embeddings, positions,
 LayerNorms and the classifier are not penalized. At each of ``stops``:
 
 - W (dense), W on supp Γ (no fine-tuning), and W on the mask after
-  ``finetune_steps`` of AdamW with the mask fixed (a class with no group in
-  supp Γ keeps its most important one: the rule the published tables were measured
-  with, from before slimming took blocks without heads / neurons);
+  ``finetune_steps`` of AdamW with the mask fixed (with ``keep_one``, the default, a
+  class with no group in supp Γ keeps its most important one: the rule the published
+  tables were measured with, from before slimming took blocks without heads / neurons;
+  without it, a block whose heads or neurons are all out of supp Γ loses them);
 - the slim model (:func:`optax_splitlbi.slim_linen`): parameters, FLOPs and (in
   ``latency_run``) CPU latency against the dense model (interleaved medians, batch
   ``latency_batch``);
@@ -128,7 +130,9 @@ class Settings:
   coupling: str = "outside"  # of the Adam direction: "outside" or "momentum" (through it)
   dual: bool = False  # the dual step preconditioned too: dual_direction=optax.scale_by_adam()
   adam_lam: float = 0.006
+  heads_lam: Optional[float] = None  # λ of the head classes where it differs (Adam direction)
   sgd_lam: float = 0.063
+  keep_one: bool = True  # a class with no group in supp Γ keeps its best group (``completed``)
   finetune_steps: int = 100
   finetune_lr: float = 1e-3
   score_batches: int = 8
@@ -175,7 +179,8 @@ SETTINGS = {"full": Settings(),
                                    ("head_dim", 8), ("mlp_dim", 32)),
                               arms=ARMS + (NARROW,), steps=6, stops=(6,), gpt_batch=4,
                               vit_batch=8, warmup=2,
-                              adam_lam=1e-4, sgd_lam=1e-3, finetune_steps=2, score_batches=2,
+                              adam_lam=1e-4, heads_lam=2e-4, keep_one=False, sgd_lam=1e-3,
+                              finetune_steps=2, score_batches=2,
                               eval_windows=8, latency_batch=4, rounds=2)}
 
 
@@ -261,10 +266,17 @@ def _fashion(dataset: str) -> dict:
 # ------------------------------------------------------------------- optimizers
 
 
-def penalty(task: Task, lam: float) -> sl.ChannelGroups:
-  """One group per head and per MLP neuron (threshold λ·√d); nothing else penalized."""
-  return sl.channel_groups(lambda v, x: task.model.apply(v, x), {"params": task.init(0)},
-                           task.sample, lam=lam, normalized=True, rest=lambda path, leaf: None)
+def penalty(task: Task, lam: float, heads_lam: Optional[float] = None) -> sl.ChannelGroups:
+  """One group per head and per MLP neuron (threshold λ·√d, the heads' λ ``heads_lam``
+  where given); nothing else penalized."""
+  groups = sl.channel_groups(lambda v, x: task.model.apply(v, x), {"params": task.init(0)},
+                             task.sample, lam=lam, normalized=True,
+                             rest=lambda path, leaf: None)
+  if heads_lam is None:
+    return groups
+  return dataclasses.replace(groups, classes=[
+      dataclasses.replace(c, lam=heads_lam) if kind(c) == "heads" else c
+      for c in groups.classes])
 
 
 def peak_rate(s: Settings, arm: str) -> float:
@@ -286,7 +298,8 @@ def optimizer(s: Settings, arm: str, task: Task) -> optax.GradientTransformation
     return optax.chain(optax.add_decayed_weights(s.sgd_wd), optax.sgd(lr, momentum=0.9))
   if arm == "splitlbi-adam":
     nu = s.gpt_nu if task.name == "gpt" and s.gpt_nu is not None else s.nu
-    return sl.splitlbi(lr, kappa=1.0, nu=nu, lam=s.adam_lam, penalty=penalty(task, s.adam_lam),
+    return sl.splitlbi(lr, kappa=1.0, nu=nu, lam=s.adam_lam,
+                       penalty=penalty(task, s.adam_lam, s.heads_lam),
                        direction=optax.scale_by_adam(), weight_decay=s.adam_wd,
                        coupling=s.coupling, record_path=True,
                        dual_direction=optax.scale_by_adam() if s.dual else None)
@@ -516,8 +529,9 @@ def per_class(groups: sl.ChannelGroups, tree: Any) -> dict[str, np.ndarray]:
 def _stop(task: Task, arm: str, groups: sl.ChannelGroups, step: int, params: Any,
           opt_state: Any, run_dir: str, seed: int) -> dict:
   """The measurements of a SplitLBI run at one stop (module docstring)."""
-  keep = completed(kept(groups, sl.support(opt_state)),
-                   magnitude_scores(groups, sl.find_state(opt_state).v))
+  keep = kept(groups, sl.support(opt_state))
+  if task.s.keep_one:
+    keep = completed(keep, magnitude_scores(groups, sl.find_state(opt_state).v))
   masks = masks_of(groups, params, keep)
   row = {"step": step, **slim_summary(task, params, masks),
          "heads": [int(keep[c.name].sum()) for c in groups.classes if kind(c) == "heads"],
