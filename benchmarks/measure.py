@@ -21,7 +21,7 @@ import optax
 
 from benchmarks import common, optimizers, shapes
 
-UPDATE_OPTS = ("sgd", "splitlbi", "splitlbi_lean", "adamw")
+UPDATE_OPTS = ("sgd", "splitlbi", "splitlbi_lean", "adamw", "splitlbi_adam")
 TRAIN_OPTS = ("sgd", "splitlbi", "splitlbi_lean")  # priority order (lean dropped first)
 MEMORY_ORDER = ("sgd", "splitlbi_lean", "splitlbi")  # increasing state: see train_memory
 MEMORY_STEPS = 3  # steps run per optimizer before reading the peak device memory

@@ -7,6 +7,8 @@ Byte model (per leaf; p = parameter bytes, s = bytes of one state array):
 - SplitLBI lean (``store_gamma=False``): V only:         3p + 4s
 - SplitLBI, unpenalized leaf: momentum SGD:              3p + 2s
 - AdamW reads W, g, μ, ν and writes W, μ, ν:             3p + 4s
+- SplitLBI with an Adam direction (``splitlbi_adam``): AdamW's traffic, and V and Γ
+  on penalized leaves:                                    3p + 8s (unpenalized 3p + 4s)
 
 These are the compulsory memory traffic of a fused, donated update: the
 bandwidth bound is bytes / copy bandwidth.
@@ -26,7 +28,8 @@ LR = 0.1
 
 
 def make(name: str) -> optax.GradientTransformation:
-  """Optimizer by name: sgd, adamw, splitlbi, splitlbi_lean, splitlbi_f32state."""
+  """Optimizer by name: sgd, adamw, splitlbi, splitlbi_lean, splitlbi_f32state,
+  splitlbi_adam (``direction=optax.scale_by_adam()``, decoupled weight decay)."""
   if name == "sgd":
     return optax.sgd(LR, momentum=0.9)
   if name == "adamw":
@@ -35,6 +38,9 @@ def make(name: str) -> optax.GradientTransformation:
     return osl.splitlbi(LR, kappa=1.0, nu=100.0, lam=1.0, momentum=0.9)
   if name == "splitlbi_lean":
     return osl.splitlbi(LR, kappa=1.0, nu=100.0, lam=1.0, momentum=0.9, store_gamma=False)
+  if name == "splitlbi_adam":
+    return osl.splitlbi(1e-3, kappa=1.0, nu=100.0, lam=1.0, weight_decay=1e-4,
+                        direction=optax.scale_by_adam())
   if name == "splitlbi_f32state":
     return osl.splitlbi(LR, kappa=1.0, nu=100.0, lam=1.0, momentum=0.9,
                         state_dtype=jnp.float32)
@@ -63,6 +69,8 @@ def bytes_moved(name: str, params, state_dtype=None) -> int:
       total += 3 * p + (6 if pens[i] is not None else 2) * s
     elif name == "splitlbi_lean":
       total += 3 * p + (4 if pens[i] is not None else 2) * s
+    elif name == "splitlbi_adam":
+      total += 3 * p + (8 if pens[i] is not None else 4) * s
     else:
       raise ValueError(name)
   return total

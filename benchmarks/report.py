@@ -368,6 +368,11 @@ def _update_targets(res: dict) -> list[str]:
                f"**{o['splitlbi']['x_bound']:.2f}×** ({_met(o['splitlbi']['x_bound'] <= 1.25)}; "
                f"SGD-momentum itself is at {o['sgd']['x_bound']:.2f}×, AdamW at "
                f"{o['adamw']['x_bound']:.2f}×).")
+    if "splitlbi_adam" in o:
+      x = o["splitlbi_adam"]["median"] / o["adamw"]["median"]
+      out.append(f"- ResNet-50 update with the Adam direction ÷ AdamW: **{x:.2f}** "
+                 f"({o['splitlbi_adam']['bytes'] / o['adamw']['bytes']:.2f} by bytes; "
+                 f"{o['splitlbi_adam']['x_bound']:.2f}× its bandwidth bound).")
   fu = (((result(res, "fused") or {}).get("update") or {}).get("trees") or {}).get("ResNet-50")
   if fu:
     o = fu["opts"]

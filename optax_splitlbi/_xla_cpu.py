@@ -67,6 +67,19 @@ def own_buffer(pred: jax.Array, fn: Callable[..., jax.Array], *args) -> jax.Arra
   return jax.lax.cond(pred, fn, fn, *args)
 
 
+def coupling_buffer(count: jax.Array) -> Callable[..., jax.Array]:
+  """``buffer(fn, *arrays)``: on CPU ``fn(*arrays)`` in a buffer of its own
+  (:func:`own_buffer`), elsewhere ``fn(*arrays)``. For the coupling gradients that a
+  direction and the dual step read (``splitlbi(direction=...)``): XLA:CPU otherwise
+  recomputes (W − Γ)/ν in every consumer's loop and copies the donated W and Γ."""
+
+  def buffer(fn: Callable[..., jax.Array], *arrays) -> jax.Array:
+    return jax.lax.platform_dependent(*arrays, cpu=lambda *a: own_buffer(count >= 0, fn, *a),
+                                      default=fn)
+
+  return buffer
+
+
 class _GroupGamma(NamedTuple):
   """A lean group Γ = κ·s_g·V whose group factors κ·s_g were computed beforehand."""
 
@@ -76,7 +89,7 @@ class _GroupGamma(NamedTuple):
     return self.factor * v
 
 
-def _norms_outside(gamma_of: Optional[LeafProx], v: jax.Array) -> Any:
+def norms_outside(gamma_of: Optional[LeafProx], v: jax.Array) -> Any:
   """Lean group Γ with the group norms of V reduced outside the conditional: inside
   it XLA:CPU does not split the scaling loop across threads (lean ResNet-50
   update 12 % slower)."""
@@ -89,7 +102,7 @@ def buffered_leaf_step(step_fn: Callable[..., Any], g, w, b, v, gam, dual, prox_
                        gamma_of: Optional[LeafProx], h, **options) -> Any:
   """``step_fn`` (the equations form) with the coupling gradient in its own
   buffer; the step count (``h.count``, traced) makes the predicate."""
-  return step_fn(g, w, b, v, gam, dual, prox_v, _norms_outside(gamma_of, v), h, **options,
+  return step_fn(g, w, b, v, gam, dual, prox_v, norms_outside(gamma_of, v), h, **options,
                  own_buffer=functools.partial(own_buffer, h.count >= 0))
 
 

@@ -87,7 +87,8 @@ class SplitLBIState(NamedTuple):
     penalty: the :class:`~optax_splitlbi.penalties.LeafPenalty` group layout of
       every leaf (``None`` if unpenalized). Static: holds no arrays.
     direction: with ``splitlbi(direction=...)``, that transformation's state
-      (``momentum`` then holds the last step direction d + β·W); else ``None``.
+      (``momentum`` is then unused: its zeros pass through every update); else
+      ``None``.
     dual_direction: with ``splitlbi(dual_direction=...)``, that transformation's
       state over the penalized leaves (``MaskedNode`` elsewhere); else ``None``.
   """
@@ -409,7 +410,8 @@ def splitlbi(
   _checks.direction(direction, nesterov=nesterov)
   _checks.transformation("dual_direction", dual_direction)
   through_direction = direction is not None and coupling == "momentum"
-  steps = _leaf_steps(_xla_cpu.resolve_form(xla_cpu_form), nesterov,
+  form = _xla_cpu.resolve_form(xla_cpu_form)
+  steps = _leaf_steps(form, nesterov,
                       "direction" if through_direction else coupling)
   decay_mask = weight_decay_mask if weight_decay_mask is not None else _default_decay_mask
 
@@ -442,17 +444,20 @@ def splitlbi(
     leaves, thresholds = _flatten(updates, stepped, params, penalty=penalty, lam=lam,
                                   weight_decay=weight_decay, decay_mask=decay_mask,
                                   param_specs=param_specs)
-    couplings = _coupling_gradients(leaves, h)  # (W − Γ)/ν, old W and Γ
+    buffer = _xla_cpu.coupling_buffer(h.count) if form == "buffered" else _call
+    couplings = _coupling_gradients(leaves, h, buffer)  # (W − Γ)/ν, old W and Γ
     if direction is not None:
       leaves, direction_state = _directions(direction, leaves, state.direction, params,
                                             couplings if through_direction else None)
     if dual_direction is not None:
       leaves, dual_state = _dual_directions(dual_direction, leaves, state.dual_direction,
                                             params, couplings)
+    elif through_direction:  # V' = V + α·(W − Γ)/ν with the (W − Γ)/ν the direction read
+      leaves = [x if c is None else x._replace(dual=c) for x, c in zip(leaves, couplings)]
     new = shrink_members([_leaf_update(leaf, h, steps) for leaf in leaves], h)
     updates, new_state = _unflatten(new, state, params, kappa=kappa, thresholds=thresholds)
-    if direction is not None:
-      new_state = new_state._replace(direction=direction_state)
+    if direction is not None:  # b is unused: its buffers pass through unchanged
+      new_state = new_state._replace(direction=direction_state, momentum=state.momentum)
     if dual_direction is not None:
       new_state = new_state._replace(dual_direction=dual_state)
     return updates, new_state
@@ -460,12 +465,25 @@ def splitlbi(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _coupling_gradients(leaves: list, h: Hyperparams) -> list:
-  """(W − Γ)/ν of every penalized leaf (Γ stored or κ·Prox_t(V)); ``None`` elsewhere.
-  Computed lazily: XLA drops what neither direction reads."""
-  return [None if x.penalty is None else
-          coupling_gradient(x.param, x.gamma_of(x.v) if x.gamma is None else x.gamma, h)
-          for x in leaves]
+def _coupling_gradients(leaves: list, h: Hyperparams,
+                        buffer: Callable[..., jax.Array]) -> list:
+  """(W − Γ)/ν of every penalized leaf (Γ stored or κ·Prox_t(V)), in the precision of
+  :func:`_leaf_update`; ``None`` elsewhere. ``buffer(fn, *arrays)`` computes each
+  (``_call``, or on XLA:CPU :func:`~optax_splitlbi._xla_cpu.coupling_buffer`). Computed
+  lazily: XLA drops what neither direction nor dual step reads."""
+  out = []
+  for x in leaves:
+    if x.penalty is None:
+      out.append(None)
+      continue
+    ctype = jnp.promote_types(x.momentum.dtype, x.param.dtype)
+    w, v = x.param.astype(ctype), x.v.astype(ctype)
+    if x.gamma is None:
+      gamma_of = x.gamma_of if buffer is _call else _xla_cpu.norms_outside(x.gamma_of, v)
+      out.append(buffer(lambda w, v, f=gamma_of: coupling_gradient(w, f(v), h), w, v))
+    else:
+      out.append(buffer(lambda w, g: coupling_gradient(w, g, h), w, x.gamma.astype(ctype)))
+  return out
 
 
 def _penalized(treedef, xs: list, flags: list) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -367,6 +368,39 @@ def test_adam_direction_matches_numpy(store_gamma, coupling, dual, update_form):
         np.testing.assert_allclose(_get(gamma, n), g_ref[n], rtol=2e-4, atol=2e-5, err_msg=n)
   nz = [np.mean(r[2]["conv/kernel"] != 0) for r in ref]  # the path passes a partial support
   assert any(0 < x < 1 for x in nz), nz
+
+
+@pytest.mark.parametrize("coupling", ["outside", "momentum"], ids=["outside", "through"])
+@pytest.mark.parametrize("store_gamma", [True, False], ids=["stored", "lean"])
+def test_adam_direction_updates_the_donated_buffers_in_place(store_gamma, coupling):
+  """XLA:CPU, default form: a donated update with an Adam direction copies no more
+  parameter-sized arrays than the paper's update (none with Γ stored; it copied 6-8
+  per leaf when the unused momentum buffer was rewritten with d and (W − Γ)/ν was
+  recomputed outside a buffer of its own), and the momentum buffers, unused with a
+  direction, stay zero."""
+  w0, coef, _ = _problem(4)
+  params, grads = _tree(w0), _tree(coef)
+
+  def compiled(tx):
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    f = jax.jit(step, donate_argnums=(0, 1))
+    hlo = f.lower(params, tx.init(params), grads).compile().as_text()
+    return f, re.findall(r"= f32\[\d+,[^\]]*\]\S* copy\((\S+)\)", hlo[hlo.index("ENTRY"):])
+
+  kw = dict(nu=2.0, penalty=_penalty(), store_gamma=store_gamma)
+  tx = sl.splitlbi(0.05, **kw, direction=optax.scale_by_adam(), coupling=coupling)
+  f, copies = compiled(tx)
+  _, paper_copies = compiled(sl.splitlbi(0.05, **kw))
+  assert copies == paper_copies
+  assert copies == ([] if store_gamma else ["%s_v__out____kernel__.1"])  # a norm-only V
+  p, s = _tree(w0), tx.init(params)
+  for _ in range(3):
+    p, s = f(p, s, grads)
+  assert all(not np.any(np.asarray(b)) for b in jax.tree.leaves(s.momentum))
+  assert np.any(np.asarray(s.v["conv"]["kernel"]))
 
 
 def test_a_nu_schedule_under_inject_hyperparams_matches_numpy():

@@ -37,7 +37,8 @@ PEN, UNPEN = 244, 60
 HAND_BYTES = {"sgd": 4 * (3 + 2) * (PEN + UNPEN),
               "adamw": 4 * (3 + 4) * (PEN + UNPEN),
               "splitlbi": 4 * (3 * (PEN + UNPEN) + 6 * PEN + 2 * UNPEN),
-              "splitlbi_lean": 4 * (3 * (PEN + UNPEN) + 4 * PEN + 2 * UNPEN)}
+              "splitlbi_lean": 4 * (3 * (PEN + UNPEN) + 4 * PEN + 2 * UNPEN),
+              "splitlbi_adam": 4 * (3 * (PEN + UNPEN) + 8 * PEN + 4 * UNPEN)}
 
 
 @pytest.mark.parametrize("name", sorted(HAND_BYTES))
