@@ -189,7 +189,8 @@ def _machine_section(res: dict) -> list[str]:
 UPDATE_INTRO = (
     "Bytes = compulsory traffic of a fused update (`benchmarks/optimizers.py`: SGD-momentum "
     "reads W, g, b and writes W, b; SplitLBI also reads and writes V and Γ on penalized "
-    "leaves; lean SplitLBI only V; AdamW μ, ν). *Copy BW* = a donated jitted `x + 1` over a "
+    "leaves; lean SplitLBI only V; AdamW μ, ν; `splitlbi_adam`: SplitLBI with "
+    "`direction=optax.scale_by_adam()`, μ, ν, V and Γ). *Copy BW* = a donated jitted `x + 1` over a "
     "large array (read + write bytes), timed interleaved with each tree. *× bound* = median "
     "time ÷ (bytes ÷ copy BW); *BW frac* = its inverse, the achieved fraction of copy "
     "bandwidth. One sample = *calls/sample* chained calls, then one `block_until_ready`; "
