@@ -444,8 +444,10 @@ def splitlbi(
     leaves, thresholds = _flatten(updates, stepped, params, penalty=penalty, lam=lam,
                                   weight_decay=weight_decay, decay_mask=decay_mask,
                                   param_specs=param_specs)
-    buffer = _xla_cpu.coupling_buffer(h.count) if form == "buffered" else _call
-    couplings = _coupling_gradients(leaves, h, buffer)  # (W − Γ)/ν, old W and Γ
+    couplings = None  # (W − Γ)/ν, old W and Γ, where a direction or the dual step reads it
+    if through_direction or dual_direction is not None:
+      buffer = _xla_cpu.coupling_buffer(h.count) if form == "buffered" else _call
+      couplings = _coupling_gradients(leaves, h, buffer)
     if direction is not None:
       leaves, direction_state = _directions(direction, leaves, state.direction, params,
                                             couplings if through_direction else None)
@@ -469,8 +471,7 @@ def _coupling_gradients(leaves: list, h: Hyperparams,
                         buffer: Callable[..., jax.Array]) -> list:
   """(W − Γ)/ν of every penalized leaf (Γ stored or κ·Prox_t(V)), in the precision of
   :func:`_leaf_update`; ``None`` elsewhere. ``buffer(fn, *arrays)`` computes each
-  (``_call``, or on XLA:CPU :func:`~optax_splitlbi._xla_cpu.coupling_buffer`). Computed
-  lazily: XLA drops what neither direction nor dual step reads."""
+  (``_call``, or on XLA:CPU :func:`~optax_splitlbi._xla_cpu.coupling_buffer`)."""
   out = []
   for x in leaves:
     if x.penalty is None:
