@@ -11,7 +11,8 @@
   (:func:`benchmarks.measure.train_memory`).
 
 Modes: ``sgd``; SplitLBI ``default``; ``lean`` (``store_gamma=False``);
-``bf16`` (bf16 parameters, ``state_dtype=float32``).
+``bf16`` (bf16 parameters, ``state_dtype=float32``); ``adamw``; ``adam`` (SplitLBI
+with ``direction=optax.scale_by_adam()``: no momentum buffer, Adam's μ and ν).
 
 Run alone: ``python -m benchmarks.memory [--quick]``; in the suite:
 ``python -m benchmarks.run --only memory``.
@@ -32,12 +33,13 @@ import optax
 import optax_splitlbi as osl
 from benchmarks import common, measure, optimizers, shapes, suite
 
-MODES = ("sgd", "default", "lean", "bf16")
+MODES = ("sgd", "default", "lean", "bf16", "adamw", "adam")
 
 
 def make_opt(mode: str) -> optax.GradientTransformation:
   return optimizers.make({"sgd": "sgd", "default": "splitlbi", "lean": "splitlbi_lean",
-                          "bf16": "splitlbi_f32state"}[mode])
+                          "bf16": "splitlbi_f32state", "adamw": "adamw",
+                          "adam": "splitlbi_adam"}[mode])
 
 
 def state_accounting(params, state) -> dict:
@@ -52,11 +54,11 @@ def state_accounting(params, state) -> dict:
   treedef = jax.tree.structure(params)
   pens = treedef.flatten_up_to(st.penalty)
   leaves = treedef.flatten_up_to(params)
-  fields = [treedef.flatten_up_to(t) for t in (st.momentum, st.v)]
-  if st.gamma is not None:
-    fields.append(treedef.flatten_up_to(st.gamma))
+  fields = [treedef.flatten_up_to(t) for t in (st.momentum, st.v, st.gamma) if t is not None]
   pen_p = sum(int(p.nbytes) for p, pe in zip(leaves, pens) if pe is not None)
-  pen_s = sum(int(f[i].nbytes) for f in fields for i, pe in enumerate(pens) if pe is not None)
+  # b, V, Γ of the penalized leaves (b is MaskedNode with a direction: no bytes)
+  pen_s = sum(common.tree_bytes(f[i]) for f in fields for i, pe in enumerate(pens)
+              if pe is not None)
   out.update({"penalized_param_bytes": pen_p, "penalized_state_bytes": pen_s,
               "penalized_state_per_param_byte": pen_s / pen_p,
               "penalized_fraction_of_params": pen_p / pbytes})

@@ -221,7 +221,9 @@ def _memory_section(memory: dict) -> list[str]:
        "shown above the same process's peak after JAX start-up; on CPU it includes the "
        "compiler's own memory. Device memory: see `RESULTS_GPU.md`. "
        "Modes: `default`; `lean` = `store_gamma=False`; `bf16` = bf16 params with "
-       "`state_dtype=jnp.float32` (ratios are per *bf16* parameter byte).\n",
+       "`state_dtype=jnp.float32` (ratios are per *bf16* parameter byte); `adamw`; "
+       "`adam` = `direction=optax.scale_by_adam()` (no b: V, Γ and Adam's μ, ν; "
+       "*penalized* counts V and Γ only).\n",
        "| step | mode | state/param | penalized state/param | XLA args MiB | XLA temp MiB | "
        "peak RSS − start-up MiB | peak RSS MiB | compile s |",
        "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -426,6 +428,8 @@ def render_cpu(res: dict, head: Sequence[str] = ()) -> list[str]:
   for name, section in CPU_SECTIONS.items():
     if result(res, name):
       L.extend(section(result(res, name)))
+      rerun = res["sections"][name].get("rerun")  # a section measured again later, alone
+      L.extend([f"*{rerun}*", ""] if rerun else [])
   L += ["## Targets\n", *targets(res), ""]
   problems_found = problems(res)
   if problems_found:

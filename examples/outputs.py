@@ -145,11 +145,11 @@ class MetricsLog:
       self._rewrite()
 
 
-def _flat_like(structure: Any, tree: Any) -> dict[str, Any]:
+def _flat_like(state: Any, tree: Any) -> dict[str, Any]:
   """``tree`` (params-structured, may hold static / ``None`` leaves) keyed by the
-  paths of ``structure`` (e.g. the momentum buffers, which have every leaf)."""
-  paths, treedef = jax.tree_util.tree_flatten_with_path(structure)
-  return {path_str(p): v for (p, _), v in zip(paths, treedef.flatten_up_to(tree))}
+  params' paths, read from the SplitLBI ``state``."""
+  flat = slbi.masks.params_structure(state).flatten_up_to(tree)
+  return {path_str(p): v for p, v in zip(slbi.masks.params_paths(state), flat)}
 
 
 def filter_norms(opt_state: Any, params: Any) -> dict[str, np.ndarray]:
@@ -159,8 +159,8 @@ def filter_norms(opt_state: Any, params: Any) -> dict[str, np.ndarray]:
     ``{"gamma/<leaf>": norms, "weight/<leaf>": norms}``.
   """
   state = slbi.find_state(opt_state)
-  pens = _flat_like(state.momentum, state.penalty)
-  norms = {kind: _flat_like(state.momentum, slbi.group_norms_tree(tree, state, keepdims=False))
+  pens = _flat_like(state, state.penalty)
+  norms = {kind: _flat_like(state, slbi.group_norms_tree(tree, state, keepdims=False))
            for kind, tree in (("gamma", slbi.gamma(state)), ("weight", params))}
   return {f"{kind}/{name}": np.asarray(norms[kind][name])
           for name, pe in pens.items() if pe is not None and pe.kind == "group"

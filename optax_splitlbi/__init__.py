@@ -21,7 +21,7 @@ from optax_splitlbi.penalties import (ChannelGroups, GroupClass, GroupLasso, Las
 from optax_splitlbi.report import (coupling_residue, format_report, group_norms_tree,
                                    sparsity_report)
 from optax_splitlbi.retrain import apply_masks, masked_updates
-from optax_splitlbi.transform import SplitLBIState, splitlbi
+from optax_splitlbi.transform import ParamShape, SplitLBIState, splitlbi
 from optax_splitlbi.slimming import (SlimModel, channel_groups, channel_groups_nnx,
                                      coupled_channels, format_slim_report, slim, slim_linen,
                                      slim_nnx, WideModel, widen, widen_linen, widen_nnx,

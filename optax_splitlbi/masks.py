@@ -27,7 +27,7 @@ import optax
 
 from optax_splitlbi.prox import penalty_norms, shared_norms, slice_sq_norms
 from optax_splitlbi.penalties import LeafPenalty, class_slices, member_axis, path_str
-from optax_splitlbi.transform import SplitLBIState, recompute_gamma
+from optax_splitlbi.transform import SplitLBIState, params_paths, params_structure, recompute_gamma
 
 _INJECT_STATES = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
 
@@ -92,7 +92,7 @@ def map_penalized(fn: Callable[..., Any], state: SplitLBIState, *trees: Any) -> 
   Returns:
     A pytree with the params' structure, ``None`` at unpenalized leaves.
   """
-  _, treedef = jax.tree.flatten(state.momentum)
+  treedef = params_structure(state)
   pens = treedef.flatten_up_to(state.penalty)
   vs = treedef.flatten_up_to(state.v)
   others = [_flatten_like(treedef, t) for t in trees]
@@ -115,10 +115,10 @@ def penalized_leaves(opt_state: Any) -> list[tuple[str, int, LeafPenalty, tuple[
   position in ``jax.tree.leaves(params)``.
   """
   state = find_state(opt_state)
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(state.momentum)
-  pens = treedef.flatten_up_to(state.penalty)
-  return [(path_str(p), i, pe, tuple(x.shape))
-          for i, ((p, x), pe) in enumerate(zip(with_path, pens)) if pe is not None]
+  treedef = params_structure(state)
+  pens, vs = treedef.flatten_up_to(state.penalty), treedef.flatten_up_to(state.v)
+  return [(path_str(p), i, pe, tuple(v.shape))
+          for i, (p, pe, v) in enumerate(zip(params_paths(state), pens, vs)) if pe is not None]
 
 
 def thresholds(opt_state: Any) -> Any:
@@ -141,12 +141,12 @@ def gamma(opt_state: Any) -> Any:
 
 
 def _leaves_and_layouts(state: SplitLBIState, tree: Any) -> tuple[list, list]:
-  treedef = jax.tree.structure(state.momentum)
+  treedef = params_structure(state)
   return _flatten_like(treedef, tree), treedef.flatten_up_to(state.penalty)
 
 
 def _unflatten(state: SplitLBIState, leaves: list) -> Any:
-  return jax.tree.structure(state.momentum).unflatten(leaves)
+  return params_structure(state).unflatten(leaves)
 
 
 def group_norms_list(state: SplitLBIState, tree: Any, *, slices_only: bool = False) -> list:

@@ -84,7 +84,7 @@ def _keys(opt_state, params, tiebreak):
   int32 key (entry step, or 0) and the secondary float key (the tie-break norm,
   over the whole class for a member of a cross-leaf class)."""
   state = masks_lib.find_state(opt_state)
-  layouts = jax.tree.structure(state.momentum).flatten_up_to(state.penalty)
+  layouts = masks_lib.params_structure(state).flatten_up_to(state.penalty)
   norms = masks_lib.group_norms_list(state, state.v if tiebreak == "v" else params)
   thresholds = iter(state.threshold)
   secondary = []
@@ -100,7 +100,7 @@ def _keys(opt_state, params, tiebreak):
   if state.entry is None:
     primary = [None if n is None else jnp.zeros(n.shape, jnp.int32) for n in secondary]
   else:
-    entries = jax.tree.structure(state.momentum).flatten_up_to(state.entry)
+    entries = masks_lib.params_structure(state).flatten_up_to(state.entry)
     primary = [None if pe is None else jnp.where(e >= 0, e, _NEVER).astype(jnp.int32)
                for pe, e in zip(layouts, entries)]
   return state, primary, secondary
@@ -117,7 +117,7 @@ def _to_leaves(state, per_unit: list, like: list) -> Any:
   for u, x in zip(masks_lib.units(state), per_unit):
     for i in u.leaves:
       out[i] = x.reshape(like[i].shape)
-  return jax.tree.structure(state.momentum).unflatten(out)
+  return masks_lib.params_structure(state).unflatten(out)
 
 
 def _order(primary: jax.Array, secondary: jax.Array) -> jax.Array:
@@ -170,7 +170,7 @@ def _importance_scores(opt_state, params, tiebreak):
     s = n / (1 + n)
     return jnp.where(k == _NEVER, s, (k_max + 1 - k.astype(jnp.float32)) + s)
 
-  return jax.tree.structure(state.momentum).unflatten(
+  return masks_lib.params_structure(state).unflatten(
       [None if k is None else score(k, n) for k, n in zip(primary, norms)])
 
 

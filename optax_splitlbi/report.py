@@ -104,10 +104,11 @@ def sparsity_report(opt_state: Any, params: Optional[Any] = None, *,
   """
   state = masks_lib.find_state(opt_state)
   info = masks_lib.penalized_leaves(state)
+  shapes = _shape_tree(state, params)
   if masks is None:
     gsup = jax.tree.leaves(masks_lib.group_support(opt_state))
   else:
-    _, _, flat = retrain_lib._flat_masks(masks, state.momentum, "sparsity_report")
+    _, _, flat = retrain_lib._flat_masks(masks, shapes, "sparsity_report")
     full = [jnp.ones(shape, bool) if flat[i] is None else jnp.broadcast_to(flat[i], shape)
             for _, i, _, shape in info]
     gsup = [jnp.any(f, axis=pe.reduce_axes, keepdims=True) for f, (_, _, pe, _) in
@@ -142,14 +143,18 @@ def sparsity_report(opt_state: Any, params: Optional[Any] = None, *,
   total["weight_density"] = _density(total["nonzero_weights"], total["weights"])
   total["group_density"] = _density(total["nonzero_groups"], total["groups"])
   total = {k: total[k] for k in _LAYER_KEYS}
-  if params is not None:
-    shapes = masks_lib._flatten_like(jax.tree.structure(state.momentum), params)
-  else:
-    shapes = jax.tree.leaves(state.momentum)
-  total["params"] = int(sum(math.prod(jnp.shape(x)) for x in shapes))
+  total["params"] = int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(shapes)))
   out = {"layers": layers, "classes": classes, "total": total} if classes else {
       "layers": layers, "total": total}
   return _to_python(out)
+
+
+def _shape_tree(state, params: Optional[Any]) -> Any:
+  """The params' shapes as ``ShapeDtypeStruct`` leaves: from ``params`` (checked), else
+  from the momentum buffers (or, with a direction, their static shapes)."""
+  treedef = masks_lib.params_structure(state)
+  leaves = masks_lib._flatten_like(treedef, state.momentum if params is None else params)
+  return treedef.unflatten([jax.ShapeDtypeStruct(jnp.shape(x), x.dtype) for x in leaves])
 
 
 def _class_report(state, layers: dict, kept_groups: dict) -> dict:
@@ -253,6 +258,5 @@ def coupling_residue(params: Any, opt_state: Any, nu: Optional[float] = None) ->
   res = masks_lib.map_penalized(
       lambda pe, v, w, g: jnp.sum(jnp.square(w.astype(jnp.float32) - g.astype(jnp.float32)))
       / (2 * nu), state, params, masks_lib.gamma(opt_state))
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(state.momentum)
-  flat = treedef.flatten_up_to(res)
-  return {path_str(p): r for (p, _), r in zip(with_path, flat) if r is not None}
+  flat = masks_lib.params_structure(state).flatten_up_to(res)
+  return {path_str(p): r for p, r in zip(masks_lib.params_paths(state), flat) if r is not None}

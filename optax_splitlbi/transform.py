@@ -47,6 +47,7 @@ so that settled, V' = V − α·Adam(∇L(W)).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
@@ -60,9 +61,20 @@ from optax_splitlbi import _shard_map
 from optax_splitlbi import _xla_cpu
 from optax_splitlbi import penalties as penalties_lib
 from optax_splitlbi import prox as prox_lib
+from jax.tree_util import register_static
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 _MASKED = optax.MaskedNode()
+
+
+@register_static
+@dataclasses.dataclass(frozen=True)
+class ParamShape:
+  """A parameter's shape and dtype, held statically (a pytree node without leaves) where
+  the state keeps no array: ``SplitLBIState.momentum`` with a direction."""
+
+  shape: tuple[int, ...]
+  dtype: Any
 
 
 class SplitLBIState(NamedTuple):
@@ -73,7 +85,8 @@ class SplitLBIState(NamedTuple):
 
   Attributes:
     count: number of updates done (int32); indexes a learning-rate schedule.
-    momentum: the momentum buffer b of every leaf.
+    momentum: the momentum buffer b of every leaf; with ``splitlbi(direction=...)``,
+      which has no use for b, a :class:`ParamShape` per leaf (no array, no memory).
     v: the dual variable V (``MaskedNode`` on unpenalized leaves).
     gamma: the sparse copy Γ = κ·Prox(V) (``MaskedNode`` on unpenalized
       leaves); ``None`` with ``store_gamma=False`` (:func:`optax_splitlbi.gamma`
@@ -86,9 +99,8 @@ class SplitLBIState(NamedTuple):
       leaf order (float32 vector), as used by the last update.
     penalty: the :class:`~optax_splitlbi.penalties.LeafPenalty` group layout of
       every leaf (``None`` if unpenalized). Static: holds no arrays.
-    direction: with ``splitlbi(direction=...)``, that transformation's state
-      (``momentum`` is then unused: its zeros pass through every update); else
-      ``None``.
+    direction: with ``splitlbi(direction=...)``, that transformation's state;
+      else ``None``.
     dual_direction: with ``splitlbi(dual_direction=...)``, that transformation's
       state over the penalized leaves (``MaskedNode`` elsewhere); else ``None``.
   """
@@ -287,9 +299,10 @@ def _no_entry_yet(p: jax.Array, layout: penalties_lib.LeafPenalty) -> jax.Array:
   return jnp.full_like(group_shape, -1)  # the sum is dead code under jit
 
 
-def _init_leaves(params, resolved: list, state_dtype, store_gamma: bool, record_path: bool):
+def _init_leaves(params, resolved: list, state_dtype, store_gamma: bool, record_path: bool,
+                 keep_momentum: bool):
   """Zero b, V, Γ and the −1 entry record of every leaf (lists in leaf order; ``None``
-  for a field the options leave out).
+  for a field the options leave out; b a :class:`ParamShape` without ``keep_momentum``).
 
   ``zeros_like`` keeps each parameter's sharding (the state follows the
   params), and every call makes its own buffer, so the state can be donated.
@@ -297,7 +310,8 @@ def _init_leaves(params, resolved: list, state_dtype, store_gamma: bool, record_
   out = {"momentum": [], "v": [], "gamma": [], "entry": []}
   for p, r in zip(jax.tree.leaves(params), resolved):
     zeros = functools.partial(jnp.zeros_like, p, state_dtype or p.dtype)
-    out["momentum"].append(zeros())
+    out["momentum"].append(zeros() if keep_momentum else
+                           ParamShape(tuple(p.shape), jnp.dtype(state_dtype or p.dtype)))
     out["v"].append(_MASKED if r is None else zeros())
     if store_gamma:
       out["gamma"].append(_MASKED if r is None else zeros())
@@ -418,7 +432,8 @@ def splitlbi(
   def init_fn(params: optax.Params) -> SplitLBIState:
     resolved = _resolve(penalty, params)
     treedef = jax.tree.structure(params)
-    arrays = _init_leaves(params, resolved, state_dtype, store_gamma, record_path)
+    arrays = _init_leaves(params, resolved, state_dtype, store_gamma, record_path,
+                          keep_momentum=direction is None)
     layouts = [None if r is None else r.layout for r in resolved]
     return SplitLBIState(
         count=jnp.zeros([], jnp.int32),
@@ -434,13 +449,11 @@ def splitlbi(
     del extra_args
     _checks.update_inputs(updates, state, params)
     alpha = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    h = Hyperparams(alpha=alpha, kappa=kappa, nu=nu, momentum=momentum, weight_decay=None,
-                    count=state.count)
-    stepped = state
-    if direction is not None:  # d = direction(∇L) replaces b' = τ·b + ∇L: τ = 0, b = 0
-      h = h._replace(momentum=0.0)
-      stepped = state._replace(momentum=jax.tree.map(lambda b: jnp.zeros((), b.dtype),
-                                                     state.momentum))
+    # With a direction, d = direction(∇L) replaces b' = τ·b + ∇L: τ = 0 and b = 0.
+    h = Hyperparams(alpha=alpha, kappa=kappa, nu=nu, weight_decay=None, count=state.count,
+                    momentum=momentum if direction is None else 0.0)
+    stepped = state if direction is None else state._replace(momentum=jax.tree.map(
+        lambda p: jnp.zeros((), state_dtype or p.dtype), params))
     leaves, thresholds = _flatten(updates, stepped, params, penalty=penalty, lam=lam,
                                   weight_decay=weight_decay, decay_mask=decay_mask,
                                   param_specs=param_specs)
@@ -458,7 +471,7 @@ def splitlbi(
       leaves = [x if c is None else x._replace(dual=c) for x, c in zip(leaves, couplings)]
     new = shrink_members([_leaf_update(leaf, h, steps) for leaf in leaves], h)
     updates, new_state = _unflatten(new, state, params, kappa=kappa, thresholds=thresholds)
-    if direction is not None:  # b is unused: its buffers pass through unchanged
+    if direction is not None:  # no b: its static shapes pass through
       new_state = new_state._replace(direction=direction_state, momentum=state.momentum)
     if dual_direction is not None:
       new_state = new_state._replace(dual_direction=dual_state)
@@ -604,12 +617,26 @@ def _gamma_functions(state: SplitLBIState, layouts: list, axis_names: list) -> l
 
   Members of a cross-leaf class get the group norms of the state's V over the class.
   """
-  vs = jax.tree.structure(state.momentum).flatten_up_to(state.v)
+  vs = params_structure(state).flatten_up_to(state.v)
   norms = _class_norms([None if pe is None else v for v, pe in zip(vs, layouts)], layouts,
                        axis_names)
   thresholds = iter(state.threshold)
   return [None if pe is None else prox_lib.LeafProx(pe, next(thresholds), ax, state.kappa, n)
           for pe, ax, n in zip(layouts, axis_names, norms)]
+
+
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def params_structure(state: SplitLBIState) -> jax.tree_util.PyTreeDef:
+  """The params' tree structure, read from ``state.v`` (``MaskedNode`` leaves count)."""
+  return jax.tree.structure(state.v, is_leaf=_is_masked)
+
+
+def params_paths(state: SplitLBIState) -> list:
+  """The key path of every params leaf, in leaf order (from ``state.v``)."""
+  return [p for p, _ in jax.tree_util.tree_flatten_with_path(state.v, is_leaf=_is_masked)[0]]
 
 
 def recompute_gamma(state: SplitLBIState) -> Any:
@@ -621,7 +648,8 @@ def recompute_gamma(state: SplitLBIState) -> Any:
   Returns:
     Γ with the params' structure, ``MaskedNode`` on unpenalized leaves.
   """
-  v, treedef = jax.tree.flatten(state.v, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  treedef = params_structure(state)
+  v = treedef.flatten_up_to(state.v)
   layouts = treedef.flatten_up_to(state.penalty)
   fns = _gamma_functions(state, layouts, [()] * len(v))
   return treedef.unflatten([_MASKED if fn is None else fn(x).astype(x.dtype)

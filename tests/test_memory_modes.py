@@ -102,6 +102,20 @@ def test_state_bytes_per_param_byte(store_gamma, factor):
   assert total <= factor * (pen_bytes + unpen_bytes) + scalars
 
 
+@pytest.mark.parametrize("store_gamma", [True, False])
+def test_state_bytes_with_a_direction(store_gamma):
+  """With an Adam direction there is no momentum buffer: V (and Γ) on penalized
+  leaves plus Adam's μ and ν on every leaf."""
+  params = _zeros_like(_targets())
+  state = osl.splitlbi(LR, store_gamma=store_gamma, direction=optax.scale_by_adam()).init(params)
+  pen_bytes = _leaf_bytes(params["conv"]["kernel"]) + _leaf_bytes(params["dense"]["kernel"])
+  all_bytes = pen_bytes + _leaf_bytes(params["dense"]["bias"])
+  assert _field_bytes(state.momentum) == 0
+  assert _field_bytes(state.direction) == 2 * all_bytes + 4  # μ, ν and Adam's int32 count
+  scalars = 4 * (2 + 2)  # count, κ, one threshold per penalized leaf
+  assert _field_bytes(state) == (2 if store_gamma else 1) * pen_bytes + 2 * all_bytes + 4 + scalars
+
+
 def test_bf16_params_f32_state_same_support_as_f32(update_form):
   targets = _targets()
   p32, s32 = _run(osl.splitlbi(LR, KAPPA, NU, LAM, xla_cpu_form=update_form),

@@ -85,6 +85,15 @@ def test_report_under_jit_and_in_chain():
   _assert_report(osl.sparsity_report(cs), python_types=True)
 
 
+def test_report_of_a_state_without_momentum_buffers():
+  """With an Adam direction the state keeps no b, only the leaves' static shapes."""
+  s = _state(osl.splitlbi(0.1, direction=optax.scale_by_adam()))
+  assert jax.tree.leaves(s.momentum) == []
+  _assert_report(osl.sparsity_report(s), python_types=True)
+  _assert_report(osl.sparsity_report(s, _params()), python_types=True)
+  _assert_report(jax.jit(osl.sparsity_report)(s), python_types=False)
+
+
 def test_report_params_mismatch_and_no_penalized_leaves():
   with pytest.raises(ValueError, match="structure"):
     osl.sparsity_report(_state(), {"w": jnp.zeros(3)})

@@ -377,6 +377,12 @@ def test_map_params_does_not_inspect_leaves():
   assert specs.momentum["conv"]["kernel"] == "spec"
   assert specs.v["dense"]["kernel"] == "spec"
   assert specs.count == "other"
+  # With a direction there is no b: no spec to give (a sharding for a missing array).
+  tx = sl.splitlbi(0.1, direction=optax.scale_by_adam())
+  specs = optax.tree.map_params(tx, lambda p: "spec", tx.init(params),
+                                transform_non_params=lambda _: "other")
+  assert specs.momentum["conv"]["kernel"] == sl.ParamShape((3, 3, 2, 4), jnp.float32)
+  assert specs.v["dense"]["kernel"] == "spec" and specs.direction.mu["conv"]["bias"] == "spec"
 
 
 def test_extra_args_are_ignored():
