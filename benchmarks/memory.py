@@ -56,7 +56,7 @@ def state_accounting(params, state) -> dict:
   leaves = treedef.flatten_up_to(params)
   fields = [treedef.flatten_up_to(t) for t in (st.momentum, st.v, st.gamma) if t is not None]
   pen_p = sum(int(p.nbytes) for p, pe in zip(leaves, pens) if pe is not None)
-  # b, V, Γ of the penalized leaves (b is MaskedNode with a direction: no bytes)
+  # b, V, Γ of the penalized leaves (with a direction b is a static ParamShape: no bytes)
   pen_s = sum(common.tree_bytes(f[i]) for f in fields for i, pe in enumerate(pens)
               if pe is not None)
   out.update({"penalized_param_bytes": pen_p, "penalized_state_bytes": pen_s,
